@@ -1,0 +1,98 @@
+"""Names and shapes of every exchange and queue fedmq uses.
+
+This module and ``broker_config/definitions.json`` describe the same topology;
+``tests/test_topology.py`` keeps them in agreement. Both services declare what they need on
+every (re)connection, so a broker started without the definitions file works too.
+
+Flow:
+- ``fedmq.broadcast`` (fanout) carries model versions to every worker's inbox queue
+  ``fedmq.inbox.<worker_id>``. The aggregator also sends straight to one inbox through the
+  default exchange (a joining worker's assignment and the current model).
+- ``fedmq.updates`` (durable) carries weight updates to the aggregator. Single active consumer:
+  a standby aggregator can attach without two aggregators folding the same updates.
+- ``fedmq.control`` (durable) carries hellos, heartbeats and goodbyes to the aggregator.
+- ``fedmq.dead`` (fanout) -> ``fedmq.dead-letters``: invalid messages, with the reason in the
+  ``x-fedmq-reason`` header.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+BROADCAST_EXCHANGE = "fedmq.broadcast"
+DEAD_LETTER_EXCHANGE = "fedmq.dead"
+DEFAULT_EXCHANGE = ""
+
+UPDATES_QUEUE = "fedmq.updates"
+CONTROL_QUEUE = "fedmq.control"
+DEAD_LETTER_QUEUE = "fedmq.dead-letters"
+INBOX_PREFIX = "fedmq.inbox."
+
+#: Headers set on a dead-lettered message.
+REASON_HEADER = "x-fedmq-reason"
+SOURCE_QUEUE_HEADER = "x-fedmq-source-queue"
+
+#: An inbox whose worker is gone for this long is deleted by the broker (ms). Long enough to
+#: ride out a reconnect, short enough that scaled-down workers do not leave queues behind.
+INBOX_EXPIRES_MS = 10 * 60 * 1000
+
+
+@dataclass(frozen=True)
+class ExchangeSpec:
+    name: str
+    type: str  # "fanout" or "direct"
+    durable: bool = True
+
+
+@dataclass(frozen=True)
+class QueueSpec:
+    name: str
+    durable: bool = True
+    arguments: tuple[tuple[str, object], ...] = ()
+
+    def argument(self, key: str, default: object = None) -> object:
+        return dict(self.arguments).get(key, default)
+
+
+@dataclass(frozen=True)
+class BindingSpec:
+    exchange: str
+    queue: str
+    routing_key: str = ""
+
+
+@dataclass(frozen=True)
+class Topology:
+    exchanges: tuple[ExchangeSpec, ...] = ()
+    queues: tuple[QueueSpec, ...] = ()
+    bindings: tuple[BindingSpec, ...] = field(default=())
+
+
+_DEAD_LETTERING = (("x-dead-letter-exchange", DEAD_LETTER_EXCHANGE),)
+
+STATIC_TOPOLOGY = Topology(
+    exchanges=(
+        ExchangeSpec(BROADCAST_EXCHANGE, "fanout"),
+        ExchangeSpec(DEAD_LETTER_EXCHANGE, "fanout"),
+    ),
+    queues=(
+        QueueSpec(UPDATES_QUEUE, arguments=(("x-single-active-consumer", True),) + _DEAD_LETTERING),
+        QueueSpec(CONTROL_QUEUE, arguments=_DEAD_LETTERING),
+        QueueSpec(DEAD_LETTER_QUEUE),
+    ),
+    bindings=(BindingSpec(DEAD_LETTER_EXCHANGE, DEAD_LETTER_QUEUE),),
+)
+
+
+def inbox_queue(worker_id: str) -> QueueSpec:
+    """The queue one worker consumes model broadcasts and direct messages from."""
+    return QueueSpec(
+        INBOX_PREFIX + worker_id,
+        arguments=(("x-expires", INBOX_EXPIRES_MS),) + _DEAD_LETTERING,
+    )
+
+
+def inbox_topology(worker_id: str) -> Topology:
+    """The inbox queue of one worker and its binding to the broadcast exchange."""
+    queue = inbox_queue(worker_id)
+    return Topology(queues=(queue,), bindings=(BindingSpec(BROADCAST_EXCHANGE, queue.name),))
