@@ -1,0 +1,385 @@
+"""Every message fedmq sends, as frozen dataclasses with explicit encode/decode.
+
+On the wire a message is a msgpack map ``{"schema": 1, "kind": <kind>, ...fields}``. Decoding is
+strict: unknown kind, missing or extra fields, and wrong types are :class:`InvalidMessage` with
+reason ``"schema"``; bytes that are not msgpack are reason ``"malformed"``. Chunks of a large
+message (:class:`Chunk`) are messages too, so one decoder reads every AMQP body.
+
+Flow (see ``fedmq/topology.py`` for the queues):
+worker -> control: :class:`WorkerHello`, :class:`Heartbeat`, :class:`WorkerGoodbye`
+aggregator -> one inbox: :class:`JoinAccepted` (then the current :class:`ModelBroadcast`)
+aggregator -> every inbox: :class:`ModelBroadcast`, :class:`RunComplete`
+worker -> updates: :class:`WeightUpdate`
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar, Mapping, Union
+
+import msgpack
+import torch
+
+from fedmq.errors import InvalidMessage
+from fedmq.tensor_codec import check_finite, decode_tensors, encode_tensors
+
+SCHEMA_VERSION = 1
+
+
+class _Reader:
+    """Strict, typed access to one decoded map; every defect is an InvalidMessage."""
+
+    def __init__(self, kind: str, raw: Mapping[str, Any], fields: tuple[str, ...]) -> None:
+        extra = set(raw) - set(fields) - {"schema", "kind"}
+        missing = set(fields) - set(raw)
+        if extra or missing:
+            raise InvalidMessage(
+                "schema", f"{kind}: missing fields {sorted(missing)}, unexpected {sorted(map(str, extra))}"
+            )
+        self.kind, self.raw = kind, raw
+
+    def _bad(self, name: str, want: str) -> InvalidMessage:
+        return InvalidMessage("schema", f"{self.kind}.{name}: want {want}, got {type(self.raw[name]).__name__}")
+
+    def str(self, name: str, *, nonempty: bool = False) -> str:
+        value = self.raw[name]
+        if not isinstance(value, str) or (nonempty and not value):
+            raise self._bad(name, "a non-empty string" if nonempty else "a string")
+        return value
+
+    def int(self, name: str, *, minimum: int | None = None) -> int:
+        value = self.raw[name]
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise self._bad(name, "an integer")
+        if minimum is not None and value < minimum:
+            raise InvalidMessage("schema", f"{self.kind}.{name}={value} is below {minimum}")
+        return value
+
+    def float(self, name: str, *, finite: bool = True) -> float:
+        value = self.raw[name]
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise self._bad(name, "a number")
+        if finite and not math.isfinite(value):
+            raise InvalidMessage("non-finite", f"{self.kind}.{name} is {value}")
+        return float(value)
+
+    def bool(self, name: str) -> bool:
+        value = self.raw[name]
+        if not isinstance(value, bool):
+            raise self._bad(name, "a boolean")
+        return value
+
+    def strs(self, name: str) -> tuple[str, ...]:
+        value = self.raw[name]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise self._bad(name, "a list of strings")
+        return tuple(value)
+
+    def map(self, name: str) -> Mapping[str, Any]:
+        value = self.raw[name]
+        if not isinstance(value, dict):
+            raise self._bad(name, "a map")
+        return value
+
+    def bytes(self, name: str) -> bytes:
+        value = self.raw[name]
+        if not isinstance(value, bytes):
+            raise self._bad(name, "bytes")
+        return value
+
+
+def _plain_fields(obj: Any) -> dict[str, Any]:
+    return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """What a worker needs to build its data and model: chosen by the run, same for all."""
+
+    dataset: str
+    model: str
+    partition_scheme: str
+    num_partitions: int
+    dirichlet_alpha: float
+    shards_per_partition: int
+    seed: int
+
+    def to_wire(self) -> dict[str, Any]:
+        return _plain_fields(self)
+
+    @classmethod
+    def from_wire(cls, raw: Mapping[str, Any]) -> "TaskSpec":
+        r = _Reader("task", raw, tuple(f.name for f in dataclasses.fields(cls)))
+        return cls(
+            dataset=r.str("dataset", nonempty=True),
+            model=r.str("model", nonempty=True),
+            partition_scheme=r.str("partition_scheme", nonempty=True),
+            num_partitions=r.int("num_partitions", minimum=1),
+            dirichlet_alpha=r.float("dirichlet_alpha"),
+            shards_per_partition=r.int("shards_per_partition", minimum=1),
+            seed=r.int("seed"),
+        )
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """How every worker trains one version: carried in each broadcast so all train alike.
+
+    ``local_steps`` > 0 replaces epochs by a fixed number of optimizer steps (1 step with
+    ``batch_size`` 0, the whole partition, is FedSGD). ``batch_size`` 0 means the whole partition.
+    """
+
+    local_epochs: int
+    local_steps: int
+    batch_size: int
+    learning_rate: float
+    optimizer: str
+    momentum: float
+    weight_decay: float
+
+    def to_wire(self) -> dict[str, Any]:
+        return _plain_fields(self)
+
+    @classmethod
+    def from_wire(cls, raw: Mapping[str, Any]) -> "TrainingConfig":
+        r = _Reader("training", raw, tuple(f.name for f in dataclasses.fields(cls)))
+        config = cls(
+            local_epochs=r.int("local_epochs", minimum=0),
+            local_steps=r.int("local_steps", minimum=0),
+            batch_size=r.int("batch_size", minimum=0),
+            learning_rate=r.float("learning_rate"),
+            optimizer=r.str("optimizer", nonempty=True),
+            momentum=r.float("momentum"),
+            weight_decay=r.float("weight_decay"),
+        )
+        if config.local_epochs == 0 and config.local_steps == 0:
+            raise InvalidMessage("schema", "training: local_epochs and local_steps are both 0")
+        return config
+
+
+@dataclass(frozen=True)
+class WorkerHello:
+    """A worker announces itself; ``requested_partition`` is -1 to let the aggregator choose."""
+
+    KIND: ClassVar[str] = "hello"
+    worker_id: str
+    requested_partition: int
+    device: str
+
+    def fields(self) -> dict[str, Any]:
+        return _plain_fields(self)
+
+    @classmethod
+    def from_fields(cls, r: _Reader) -> "WorkerHello":
+        return cls(r.str("worker_id", nonempty=True), r.int("requested_partition", minimum=-1), r.str("device"))
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    """A worker is alive. ``state`` is joining, ready, training or idle; ``version`` the last
+    model version it trained (-1 none). ``partition`` -1 until assigned. Also serves as a hello
+    for an aggregator that (re)started after the worker."""
+
+    KIND: ClassVar[str] = "heartbeat"
+    STATES: ClassVar[tuple[str, ...]] = ("joining", "ready", "training", "idle")
+    worker_id: str
+    run_id: str
+    state: str
+    version: int
+    partition: int
+    device: str
+
+    def fields(self) -> dict[str, Any]:
+        return _plain_fields(self)
+
+    @classmethod
+    def from_fields(cls, r: _Reader) -> "Heartbeat":
+        state = r.str("state")
+        if state not in cls.STATES:
+            raise InvalidMessage("schema", f"heartbeat.state {state!r} not in {cls.STATES}")
+        return cls(
+            r.str("worker_id", nonempty=True), r.str("run_id"), state,
+            r.int("version", minimum=-1), r.int("partition", minimum=-1), r.str("device"),
+        )
+
+
+@dataclass(frozen=True)
+class WorkerGoodbye:
+    """A worker leaves on purpose: the quorum stops counting on it at once."""
+
+    KIND: ClassVar[str] = "goodbye"
+    worker_id: str
+    run_id: str
+
+    def fields(self) -> dict[str, Any]:
+        return _plain_fields(self)
+
+    @classmethod
+    def from_fields(cls, r: _Reader) -> "WorkerGoodbye":
+        return cls(r.str("worker_id", nonempty=True), r.str("run_id"))
+
+
+@dataclass(frozen=True)
+class JoinAccepted:
+    """The aggregator's answer to a hello: the run, the task and the worker's partition."""
+
+    KIND: ClassVar[str] = "join-accepted"
+    run_id: str
+    worker_id: str
+    partition_index: int
+    task: TaskSpec
+
+    def fields(self) -> dict[str, Any]:
+        return {"run_id": self.run_id, "worker_id": self.worker_id,
+                "partition_index": self.partition_index, "task": self.task.to_wire()}
+
+    @classmethod
+    def from_fields(cls, r: _Reader) -> "JoinAccepted":
+        task = TaskSpec.from_wire(r.map("task"))
+        index = r.int("partition_index", minimum=0)
+        if index >= task.num_partitions:
+            raise InvalidMessage("schema", f"partition {index} >= num_partitions {task.num_partitions}")
+        return cls(r.str("run_id", nonempty=True), r.str("worker_id", nonempty=True), index, task)
+
+
+@dataclass(frozen=True)
+class ModelBroadcast:
+    """Global model ``version`` of ``run_id`` and how to train it.
+
+    ``selected`` names the workers that should train this version (empty: every worker).
+    ``weights`` is the full state_dict (parameters and buffers), CPU tensors.
+    """
+
+    KIND: ClassVar[str] = "model"
+    run_id: str
+    version: int
+    training: TrainingConfig
+    selected: tuple[str, ...]
+    weights: Mapping[str, torch.Tensor]
+
+    def fields(self) -> dict[str, Any]:
+        return {"run_id": self.run_id, "version": self.version, "training": self.training.to_wire(),
+                "selected": list(self.selected), "weights": encode_tensors(self.weights)}
+
+    @classmethod
+    def from_fields(cls, r: _Reader) -> "ModelBroadcast":
+        weights = decode_tensors(r.raw["weights"])
+        check_finite(weights)
+        return cls(r.str("run_id", nonempty=True), r.int("version", minimum=0),
+                   TrainingConfig.from_wire(r.map("training")), r.strs("selected"), weights)
+
+
+@dataclass(frozen=True)
+class RunComplete:
+    """The run is over: ``final_version`` is the last model, ``test_accuracy`` its score."""
+
+    KIND: ClassVar[str] = "run-complete"
+    run_id: str
+    final_version: int
+    test_accuracy: float
+
+    def fields(self) -> dict[str, Any]:
+        return _plain_fields(self)
+
+    @classmethod
+    def from_fields(cls, r: _Reader) -> "RunComplete":
+        return cls(r.str("run_id", nonempty=True), r.int("final_version", minimum=0), r.float("test_accuracy"))
+
+
+@dataclass(frozen=True)
+class WeightUpdate:
+    """One worker's result for model ``base_version``: ``delta`` = local weights - global weights.
+
+    Identified by ``(run_id, base_version, worker_id)``. ``num_samples`` is its FedAvg weight;
+    ``train_loss`` the mean training loss of its last local epoch; ``train_seconds`` wall time.
+    """
+
+    KIND: ClassVar[str] = "update"
+    run_id: str
+    base_version: int
+    worker_id: str
+    partition: int
+    num_samples: int
+    train_loss: float
+    train_seconds: float
+    steps: int
+    delta: Mapping[str, torch.Tensor]
+
+    @property
+    def key(self) -> tuple[str, int, str]:
+        return (self.run_id, self.base_version, self.worker_id)
+
+    def fields(self) -> dict[str, Any]:
+        out = _plain_fields(self)
+        out["delta"] = encode_tensors(self.delta)
+        return out
+
+    @classmethod
+    def from_fields(cls, r: _Reader) -> "WeightUpdate":
+        delta = decode_tensors(r.raw["delta"])
+        check_finite(delta)
+        return cls(
+            r.str("run_id", nonempty=True), r.int("base_version", minimum=0), r.str("worker_id", nonempty=True),
+            r.int("partition", minimum=-1), r.int("num_samples", minimum=1), r.float("train_loss"),
+            r.float("train_seconds"), r.int("steps", minimum=0), delta,
+        )
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Part ``index`` of ``count`` of a message too large for one AMQP message.
+
+    ``sha256`` is the digest of the whole reassembled payload, checked on reassembly.
+    """
+
+    KIND: ClassVar[str] = "chunk"
+    message_id: str
+    index: int
+    count: int
+    total_bytes: int
+    sha256: bytes
+    data: bytes
+
+    def fields(self) -> dict[str, Any]:
+        return _plain_fields(self)
+
+    @classmethod
+    def from_fields(cls, r: _Reader) -> "Chunk":
+        chunk = cls(r.str("message_id", nonempty=True), r.int("index", minimum=0), r.int("count", minimum=1),
+                    r.int("total_bytes", minimum=0), r.bytes("sha256"), r.bytes("data"))
+        if chunk.index >= chunk.count:
+            raise InvalidMessage("schema", f"chunk index {chunk.index} >= count {chunk.count}")
+        if len(chunk.sha256) != 32:
+            raise InvalidMessage("schema", "chunk sha256 must be 32 bytes")
+        return chunk
+
+
+Message = Union[WorkerHello, Heartbeat, WorkerGoodbye, JoinAccepted, ModelBroadcast, RunComplete, WeightUpdate, Chunk]
+_KINDS: dict[str, Any] = {cls.KIND: cls for cls in Message.__args__}  # type: ignore[attr-defined]
+
+
+def encode(message: Message) -> bytes:
+    """A message as msgpack bytes (not chunked; see :mod:`fedmq.chunking`)."""
+    body = {"schema": SCHEMA_VERSION, "kind": message.KIND}
+    body.update(message.fields())
+    return msgpack.packb(body, use_bin_type=True)
+
+
+def decode(data: bytes) -> Message:
+    """Bytes back to a message; :class:`InvalidMessage` for anything that is not one."""
+    try:
+        raw = msgpack.unpackb(data, raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises several unrelated types for garbage
+        raise InvalidMessage("malformed", f"not msgpack: {type(exc).__name__}: {exc}") from None
+    if not isinstance(raw, dict):
+        raise InvalidMessage("malformed", f"top level is {type(raw).__name__}, want a map")
+    schema, kind = raw.get("schema"), raw.get("kind")
+    if schema != SCHEMA_VERSION:
+        raise InvalidMessage("schema", f"schema version {schema!r}, this build reads {SCHEMA_VERSION}")
+    cls = _KINDS.get(kind) if isinstance(kind, str) else None
+    if cls is None:
+        raise InvalidMessage("schema", f"unknown message kind {kind!r}")
+    field_names = tuple(f.name for f in dataclasses.fields(cls))
+    return cls.from_fields(_Reader(kind, raw, field_names))

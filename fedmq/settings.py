@@ -1,0 +1,196 @@
+"""Every setting of fedmq: one frozen object built from flags and ``FEDMQ_*`` variables.
+
+A setting is a dataclass field with its help text. Its flag is ``--field-name`` and its
+environment variable ``FEDMQ_FIELD_NAME``; a flag beats the environment, which beats the
+default. :func:`build_parser` and :func:`settings_from_args` are used by the command line
+(``fedmq_cli``), which builds the object once and passes it down; nothing reads the
+environment anywhere else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+ENV_PREFIX = "FEDMQ_"
+
+
+class SettingsError(ValueError):
+    """A setting has a value fedmq cannot use; the message names the flag and variable."""
+
+
+def setting(default: Any, help: str, *, choices: tuple[str, ...] | None = None) -> Any:
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+def flag_name(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def env_name(name: str) -> str:
+    return ENV_PREFIX + name.upper()
+
+
+@dataclass(frozen=True)
+class BrokerSettings:
+    broker_url: str = setting("amqp://guest:guest@127.0.0.1:5672/%2F", "RabbitMQ URL, amqp://user:password@host:port/vhost")
+    broker_heartbeat_s: int = setting(30, "AMQP heartbeat in seconds (the broker drops a silent connection after two)")
+    max_frame_bytes: int = setting(8 * 1024 * 1024, "largest AMQP message in bytes; larger payloads travel as chunks")
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    data_root: str = setting(str(Path.home() / ".cache" / "fedmq" / "data"), "data set cache directory (torchvision layout)")
+    data_mirror: str = setting("", "directory holding the original data files (torchvision layout) to copy from when offline")
+    download: bool = setting(True, "download missing data sets with torchvision")
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    run_id: str = setting("", "name of the federation; messages, checkpoints and metrics carry it (default: generated)")
+    dataset: str = setting("mnist", "data set", choices=("mnist", "fashion-mnist", "cifar10"))
+    model: str = setting("fedavg-cnn", "fedavg-cnn, fedavg-2nn, cifar-cnn, or package.module:factory")
+    partition_scheme: str = setting("iid", "how the training set is split among workers", choices=("iid", "dirichlet", "shards"))
+    num_partitions: int = setting(0, "partitions of the training set, one per worker (0: one per --start-workers)")
+    dirichlet_alpha: float = setting(0.5, "concentration of the Dirichlet split (smaller: more skewed)")
+    shards_per_partition: int = setting(2, "label shards per worker for the shards split")
+    seed: int = setting(0, "seed of the initial model, the partitions and the client selection")
+    versions: int = setting(10, "stop after this many model versions (rounds)")
+    target_accuracy: float = setting(0.0, "stop early once test accuracy reaches this (0: never)")
+    local_epochs: int = setting(1, "local epochs per version (E)")
+    local_steps: int = setting(0, "fixed local optimizer steps per version instead of epochs (0: use epochs; 1 with batch 0: FedSGD)")
+    batch_size: int = setting(32, "local batch size (B); 0 means the whole partition")
+    learning_rate: float = setting(0.05, "local learning rate")
+    optimizer: str = setting("sgd", "local optimizer", choices=("sgd", "adam"))
+    momentum: float = setting(0.0, "SGD momentum")
+    weight_decay: float = setting(0.0, "weight decay")
+    min_updates: int = setting(1, "fewest updates that may close a version (at the deadline)")
+    quorum_fraction: float = setting(1.0, "a version closes at once when this fraction of its selected live workers has reported")
+    client_fraction: float = setting(1.0, "fraction of live workers selected for each version (FedAvg's C)")
+    start_workers: int = setting(1, "ready workers to wait for before the first version is broadcast")
+    round_timeout_s: float = setting(300.0, "round deadline in seconds: close with at least min-updates, else re-broadcast")
+    worker_timeout_s: float = setting(20.0, "a worker silent for this many seconds is considered dead")
+    output_dir: str = setting("runs", "directory for the metrics, checkpoint and final model (a folder per run id)")
+    eval_batch_size: int = setting(1000, "batch size of the test-set evaluation")
+    eval_device: str = setting("auto", "device for evaluation", choices=("auto", "cpu", "cuda"))
+    eval_threads: int = setting(0, "torch threads for evaluation (0: torch's default)")
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    worker_id: str = setting("", "this worker's identity (default: host name, process id and a random suffix)")
+    partition: int = setting(-1, "train on this partition index instead of the one the aggregator assigns")
+    device: str = setting("auto", "training device; auto picks CUDA when available", choices=("auto", "cpu", "cuda"))
+    heartbeat_interval_s: float = setting(5.0, "seconds between heartbeats to the aggregator")
+    threads: int = setting(0, "torch threads for local training (0: torch's default)")
+    exit_when_done: bool = setting(True, "exit when the run completes instead of waiting for the next run")
+
+
+@dataclass(frozen=True)
+class EmbeddedSettings:
+    workers: int = setting(4, "workers in the embedded federation")
+
+
+@dataclass(frozen=True)
+class Settings:
+    broker: BrokerSettings = field(default_factory=BrokerSettings)
+    data: DataSettings = field(default_factory=DataSettings)
+    run: RunSettings = field(default_factory=RunSettings)
+    worker: WorkerSettings = field(default_factory=WorkerSettings)
+    embedded: EmbeddedSettings = field(default_factory=EmbeddedSettings)
+    log_level: str = "INFO"
+
+
+GROUPS: dict[str, type] = {"broker": BrokerSettings, "data": DataSettings, "run": RunSettings,
+                           "worker": WorkerSettings, "embedded": EmbeddedSettings}
+
+
+def add_group(parser: argparse.ArgumentParser, group: str) -> None:
+    """Add one flag per setting of ``group``; defaults stay None so the environment can fill in."""
+    cls = GROUPS[group]
+    section = parser.add_argument_group(f"{group} settings")
+    for f in dataclasses.fields(cls):
+        help_text = f"{f.metadata['help']} [env {env_name(f.name)}; default {f.default!r}]"
+        if f.type in ("bool", bool):
+            section.add_argument(flag_name(f.name), dest=f.name, default=None,
+                                 action=argparse.BooleanOptionalAction, help=help_text)
+        else:
+            section.add_argument(flag_name(f.name), dest=f.name, default=None, metavar=f.name.split("_")[-1].upper(),
+                                 choices=f.metadata["choices"], type=_PARSERS[str(f.type)], help=help_text)
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"not a boolean: {text!r}")
+
+
+_PARSERS = {"str": str, "int": int, "float": float, "bool": _parse_bool}
+
+
+def _group_from(cls: type, args: argparse.Namespace, environ: Mapping[str, str]) -> Any:
+    values = {}
+    for f in dataclasses.fields(cls):
+        given = getattr(args, f.name, None)
+        if given is None and env_name(f.name) in environ:
+            raw = environ[env_name(f.name)]
+            try:
+                given = _PARSERS[str(f.type)](raw)
+            except ValueError as exc:
+                raise SettingsError(f"{env_name(f.name)}={raw!r}: {exc}") from None
+            choices = f.metadata["choices"]
+            if choices and given not in choices:
+                raise SettingsError(f"{env_name(f.name)}={raw!r}: choose from {', '.join(choices)}")
+        values[f.name] = f.default if given is None else given
+    return cls(**values)
+
+
+def settings_from_args(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> Settings:
+    """The settings for parsed flags, with ``FEDMQ_*`` variables for flags not given."""
+    environ = os.environ if environ is None else environ
+    groups = {name: _group_from(cls, args, environ) for name, cls in GROUPS.items()}
+    log_level = getattr(args, "log_level", None) or environ.get(env_name("log_level"), "INFO")
+    settings = Settings(**groups, log_level=log_level.upper())
+    validate(settings)
+    return settings
+
+
+def _require(ok: bool, name: str, why: str) -> None:
+    if not ok:
+        raise SettingsError(f"{flag_name(name)} / {env_name(name)}: {why}")
+
+
+def validate(s: Settings) -> None:
+    """SettingsError for values no run could use."""
+    r, w = s.run, s.worker
+    _require(s.broker.broker_heartbeat_s >= 0, "broker_heartbeat_s", "must be >= 0")
+    _require(s.broker.max_frame_bytes >= 64 * 1024, "max_frame_bytes", "must be at least 65536")
+    _require(r.num_partitions >= 0, "num_partitions", "must be >= 0")
+    _require(r.dirichlet_alpha > 0, "dirichlet_alpha", "must be > 0")
+    _require(r.versions >= 1, "versions", "must be >= 1")
+    _require(0.0 <= r.target_accuracy <= 1.0, "target_accuracy", "must be within [0, 1]")
+    _require(r.local_epochs >= 0 and r.local_steps >= 0 and r.local_epochs + r.local_steps > 0,
+             "local_epochs", "local epochs or local steps must be positive")
+    _require(r.batch_size >= 0, "batch_size", "must be >= 0")
+    _require(r.learning_rate > 0, "learning_rate", "must be > 0")
+    _require(r.min_updates >= 1, "min_updates", "must be >= 1")
+    _require(0.0 < r.quorum_fraction <= 1.0, "quorum_fraction", "must be within (0, 1]")
+    _require(0.0 < r.client_fraction <= 1.0, "client_fraction", "must be within (0, 1]")
+    _require(r.start_workers >= 1, "start_workers", "must be >= 1")
+    _require(r.round_timeout_s > 0, "round_timeout_s", "must be > 0")
+    _require(r.worker_timeout_s > 0, "worker_timeout_s", "must be > 0")
+    _require(r.eval_batch_size >= 1, "eval_batch_size", "must be >= 1")
+    _require(w.partition >= -1, "partition", "must be -1 (assigned) or a partition index")
+    _require(w.heartbeat_interval_s > 0, "heartbeat_interval_s", "must be > 0")
+    _require(w.heartbeat_interval_s < r.worker_timeout_s, "heartbeat_interval_s",
+             f"must be below the worker timeout ({r.worker_timeout_s} s)")
+    _require(s.embedded.workers >= 1, "workers", "must be >= 1")
+    _require(all(c.isalnum() or c in "-_." for c in w.worker_id), "worker_id", "letters, digits, - _ . only")
+    _require(all(c.isalnum() or c in "-_." for c in r.run_id), "run_id", "letters, digits, - _ . only")

@@ -1,0 +1,117 @@
+"""Tensors on the wire: ``{name, dtype, shape, encoding, data}`` maps, never pickle.
+
+``encoding`` is ``"raw"`` (little-endian bytes of the dtype) for now; compressed encodings
+(quantised, sparse) will take their place beside it without changing the message layout.
+Decoding checks everything a sender could get wrong: the dtype is known, the shape is a list of
+non-negative ints, the byte count matches, names are unique.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+from fedmq.errors import InvalidMessage
+
+RAW = "raw"
+MAX_RANK = 8
+
+#: wire name -> (torch dtype, numpy dtype used to move the bytes)
+WIRE_DTYPES: dict[str, tuple[torch.dtype, np.dtype]] = {
+    "float32": (torch.float32, np.dtype("<f4")),
+    "float64": (torch.float64, np.dtype("<f8")),
+    "float16": (torch.float16, np.dtype("<f2")),
+    # numpy has no bfloat16: its bytes travel as int16 and are viewed back on arrival.
+    "bfloat16": (torch.bfloat16, np.dtype("<i2")),
+    "int64": (torch.int64, np.dtype("<i8")),
+    "int32": (torch.int32, np.dtype("<i4")),
+    "int16": (torch.int16, np.dtype("<i2")),
+    "int8": (torch.int8, np.dtype("i1")),
+    "uint8": (torch.uint8, np.dtype("u1")),
+    "bool": (torch.bool, np.dtype("?")),
+}
+_NAME_OF = {torch_dtype: name for name, (torch_dtype, _) in WIRE_DTYPES.items()}
+
+
+def wire_dtype(dtype: torch.dtype) -> str:
+    """The wire name of a torch dtype; ValueError for dtypes that do not travel."""
+    try:
+        return _NAME_OF[dtype]
+    except KeyError:
+        raise ValueError(f"dtype {dtype} cannot be sent; supported: {sorted(WIRE_DTYPES)}") from None
+
+
+def encode_tensor(name: str, tensor: torch.Tensor) -> dict[str, Any]:
+    """One tensor as a msgpack-ready map (the data copied once, to CPU, contiguous)."""
+    dtype_name = wire_dtype(tensor.dtype)
+    cpu = tensor.detach().to("cpu").contiguous()
+    if cpu.dtype == torch.bfloat16:
+        cpu = cpu.view(torch.int16)
+    data = cpu.numpy().tobytes()
+    return {"name": name, "dtype": dtype_name, "shape": list(cpu.shape), "encoding": RAW, "data": data}
+
+
+def encode_tensors(tensors: Mapping[str, torch.Tensor]) -> list[dict[str, Any]]:
+    """A name -> tensor mapping as a list of wire maps, in the mapping's order."""
+    return [encode_tensor(name, tensor) for name, tensor in tensors.items()]
+
+
+def _decode_tensor(entry: Any) -> tuple[str, torch.Tensor]:
+    if not isinstance(entry, dict):
+        raise InvalidMessage("schema", f"a tensor must be a map, got {type(entry).__name__}")
+    expected = {"name", "dtype", "shape", "encoding", "data"}
+    if set(entry) != expected:
+        raise InvalidMessage("schema", f"tensor fields {sorted(map(str, entry))}, want {sorted(expected)}")
+    name, dtype_name, shape, encoding, data = (entry[k] for k in ("name", "dtype", "shape", "encoding", "data"))
+    if not isinstance(name, str) or not name:
+        raise InvalidMessage("schema", "tensor name must be a non-empty string")
+    if dtype_name not in WIRE_DTYPES:
+        raise InvalidMessage("schema", f"tensor {name!r}: unknown dtype {dtype_name!r}")
+    if encoding != RAW:
+        raise InvalidMessage("schema", f"tensor {name!r}: unknown encoding {encoding!r}")
+    if (
+        not isinstance(shape, list)
+        or len(shape) > MAX_RANK
+        or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+    ):
+        raise InvalidMessage("shape", f"tensor {name!r}: bad shape {shape!r}")
+    if not isinstance(data, bytes):
+        raise InvalidMessage("schema", f"tensor {name!r}: data must be bytes")
+    torch_dtype, np_dtype = WIRE_DTYPES[dtype_name]
+    want = math.prod(shape) * np_dtype.itemsize
+    if len(data) != want:
+        raise InvalidMessage("shape", f"tensor {name!r}: {len(data)} bytes for shape {shape} {dtype_name}, want {want}")
+    # Copy into writable memory: msgpack's bytes are read-only and training writes in place.
+    array = np.frombuffer(data, dtype=np_dtype).reshape(shape).copy()
+    tensor = torch.from_numpy(array)
+    if torch_dtype == torch.bfloat16:
+        tensor = tensor.view(torch.bfloat16)
+    return name, tensor
+
+
+def decode_tensors(entries: Any) -> dict[str, torch.Tensor]:
+    """Wire maps back to an ordered name -> tensor dict; InvalidMessage on any defect."""
+    if not isinstance(entries, list):
+        raise InvalidMessage("schema", "tensors must be a list")
+    out: dict[str, torch.Tensor] = {}
+    for entry in entries:
+        name, tensor = _decode_tensor(entry)
+        if name in out:
+            raise InvalidMessage("schema", f"tensor {name!r} appears twice")
+        out[name] = tensor
+    return out
+
+
+def check_finite(tensors: Mapping[str, torch.Tensor]) -> None:
+    """InvalidMessage("non-finite") if any floating tensor holds NaN or Inf."""
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise InvalidMessage("non-finite", f"tensor {name!r} holds NaN or Inf")
+
+
+def payload_bytes(tensors: Mapping[str, torch.Tensor]) -> int:
+    """Raw size of the tensors' data in bytes."""
+    return sum(t.numel() * t.element_size() for t in tensors.values())

@@ -1,0 +1,117 @@
+"""Messages over a :class:`~fedmq.broker.base.Broker`: encode, chunk, publish; receive,
+reassemble, decode; dead-letter what is invalid, with the reason.
+
+Both services talk through a :class:`Transport`; neither touches frames or chunks itself.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass
+
+from fedmq.broker.base import Broker, Delivery
+from fedmq.chunking import MAX_FRAME_BYTES, ChunkAssembler, split_frames
+from fedmq.errors import InvalidMessage
+from fedmq.messages import Chunk, Message, decode, encode
+from fedmq.topology import DEAD_LETTER_EXCHANGE, REASON_HEADER, SOURCE_QUEUE_HEADER
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Received:
+    """A whole message and every delivery that carried it (one, or one per chunk)."""
+
+    message: Message
+    deliveries: tuple[Delivery, ...]
+    size: int  # bytes on the wire, all chunks together
+
+
+class Transport:
+    """Sends and receives :mod:`fedmq.messages` through one broker connection.
+
+    ``max_message_bytes`` bounds what it accepts: a larger single frame or chunked message is
+    invalid (reason ``oversize``). ``dead_letters`` counts what it dead-lettered, by reason.
+    """
+
+    def __init__(self, broker: Broker, *, max_frame_bytes: int = MAX_FRAME_BYTES,
+                 max_message_bytes: int = 1 << 30) -> None:
+        self.broker = broker
+        self.max_frame_bytes = max_frame_bytes
+        self.max_message_bytes = max_message_bytes
+        self._assembler: ChunkAssembler[Delivery] = ChunkAssembler(max_message_bytes=max_message_bytes)
+        self.dead_letters: Counter[str] = Counter()
+
+    def send(self, exchange: str, routing_key: str, message: Message | bytes, *,
+             persistent: bool = True, mandatory: bool = True) -> int:
+        """Publish one message (chunked if needed), each frame confirmed. Returns bytes sent.
+
+        ``message`` may be already-encoded bytes, to send one encoding to several places.
+        """
+        payload = message if isinstance(message, bytes) else encode(message)
+        frames = split_frames(payload, max_frame_bytes=self.max_frame_bytes)
+        for frame in frames:
+            self.broker.publish(exchange, routing_key, frame, persistent=persistent, mandatory=mandatory)
+        return sum(map(len, frames))
+
+    def receive(self, delivery: Delivery) -> Received | None:
+        """Decode one delivery. ``None`` while a chunked message is incomplete.
+
+        Raises :class:`InvalidMessage`; its ``deliveries`` attribute lists every delivery to
+        dead-letter (all chunks of a broken set, or just this one).
+        """
+        try:
+            # Senders never publish a frame above max_frame_bytes; a larger one is refused before
+            # it is decoded (RabbitMQ 4.x would have refused it above 16 MiB anyway).
+            if len(delivery.body) > self.max_frame_bytes:
+                raise InvalidMessage("oversize", f"frame of {len(delivery.body)} bytes > {self.max_frame_bytes}")
+            message = decode(delivery.body)
+        except InvalidMessage as exc:
+            exc.deliveries = (delivery,)  # type: ignore[attr-defined]
+            raise
+        if not isinstance(message, Chunk):
+            return Received(message, (delivery,), len(delivery.body))
+        try:
+            done = self._assembler.add(message, delivery)
+        except InvalidMessage as exc:
+            exc.deliveries = tuple(exc.handles)  # type: ignore[attr-defined]
+            raise
+        if done is None:
+            return None
+        payload, deliveries = done
+        size = sum(len(d.body) for d in deliveries)
+        try:
+            whole = decode(payload)
+            if isinstance(whole, Chunk):
+                raise InvalidMessage("schema", "a chunk inside a chunked message")
+        except InvalidMessage as exc:
+            exc.deliveries = tuple(deliveries)  # type: ignore[attr-defined]
+            raise
+        return Received(whole, tuple(deliveries), size)
+
+    def expire_incomplete(self, older_than_s: float) -> int:
+        """Dead-letter chunk sets that stayed incomplete too long; returns how many sets."""
+        expired = self._assembler.expire(older_than_s)
+        for message_id, deliveries in expired:
+            self.dead_letter(deliveries, "incomplete", f"chunked message {message_id} never completed")
+        return len(expired)
+
+    def dead_letter(self, deliveries: tuple[Delivery, ...] | list[Delivery], reason: str, detail: str) -> None:
+        """Move deliveries to the dead-letter exchange with the reason in a header, then ack.
+
+        The copy is published (and confirmed) before the original is acknowledged, so nothing is
+        lost if the process dies in between (at worst the message is dead-lettered twice).
+        RabbitMQ's own dead-lettering on reject cannot carry a reason, hence the republish.
+        """
+        for delivery in deliveries:
+            headers = dict(delivery.headers)
+            headers[REASON_HEADER] = f"{reason}: {detail}"[:1000]
+            headers[SOURCE_QUEUE_HEADER] = delivery.queue
+            self.broker.publish(DEAD_LETTER_EXCHANGE, delivery.queue, delivery.body,
+                                headers=headers, persistent=True, mandatory=False)
+            self.broker.ack(delivery)
+        self.dead_letters[reason] += 1
+        log.warning("dead-lettered %d message(s) from %s: %s: %s (%d %s so far)",
+                    len(deliveries), deliveries[0].queue if deliveries else "?", reason, detail,
+                    self.dead_letters[reason], reason)

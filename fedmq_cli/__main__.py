@@ -1,0 +1,106 @@
+"""``fedmq aggregator | worker | run``: every setting a flag and a ``FEDMQ_*`` variable."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from typing import Sequence
+
+from fedmq.errors import FedmqError
+from fedmq.settings import Settings, SettingsError, add_group, settings_from_args
+
+COMMANDS = {
+    "run": ("run a whole federation in this process over the in-memory broker (the embedded mode)",
+            ("data", "run", "worker", "embedded")),
+    "aggregator": ("serve the aggregator of one federation over RabbitMQ", ("broker", "data", "run")),
+    "worker": ("serve one worker over RabbitMQ", ("broker", "data", "worker")),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fedmq", description="Federated learning as a message-queue service.",
+        epilog="Every flag can also be set by its FEDMQ_* environment variable; a flag wins.")
+    parser.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING [env FEDMQ_LOG_LEVEL; default INFO]")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (help_text, groups) in COMMANDS.items():
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        for group in groups:
+            add_group(sub, group)
+    return parser
+
+
+def _configure(settings: Settings) -> None:
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    import torch  # imported late: `fedmq --help` stays fast
+
+    threads = settings.worker.threads or settings.run.eval_threads
+    if threads > 0:
+        torch.set_num_threads(threads)
+
+
+def _serve_aggregator(settings: Settings) -> int:
+    from aggregator.service import Aggregator
+    from fedmq.broker.rabbitmq import RabbitBroker
+
+    broker = RabbitBroker(settings.broker.broker_url, connection_name="fedmq-aggregator",
+                          heartbeat_s=settings.broker.broker_heartbeat_s,
+                          max_message_bytes=settings.broker.max_frame_bytes)
+    with broker:
+        result = Aggregator(settings, broker, on_version=lambda r: print(r.console_line(), flush=True)).run()
+    print(f"run {result.run_id}: version {result.final_version}, test accuracy {result.test_accuracy:.4f}, "
+          f"output in {result.output_dir}", flush=True)
+    return 0
+
+
+def _serve_worker(settings: Settings) -> int:
+    from fedmq.broker.rabbitmq import RabbitBroker
+    from worker.service import Worker
+
+    broker = RabbitBroker(settings.broker.broker_url, connection_name="fedmq-worker",
+                          heartbeat_s=settings.broker.broker_heartbeat_s,
+                          max_message_bytes=settings.broker.max_frame_bytes)
+    with broker:
+        worker = Worker(settings, broker)
+        # SIGTERM (docker stop) ends the worker cleanly: it says goodbye so the quorum stops
+        # counting on it at once instead of after the heartbeat timeout.
+        signal.signal(signal.SIGTERM, lambda *_: worker.stop())
+        try:
+            worker.run()
+        except KeyboardInterrupt:
+            worker.stop()
+    return 0
+
+
+def _run_embedded(settings: Settings) -> int:
+    from fedmq_cli.embedded import run_embedded
+
+    print(f"fedmq embedded: {settings.embedded.workers} workers, {settings.run.model} on {settings.run.dataset}, "
+          f"{settings.run.versions} versions", flush=True)
+    result = run_embedded(settings, on_version=lambda r: print(r.console_line(), flush=True))
+    print(f"run {result.run_id}: version {result.final_version}, test accuracy {result.test_accuracy:.4f}, "
+          f"output in {result.output_dir}", flush=True)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        settings = settings_from_args(args)
+    except SettingsError as exc:
+        parser.error(str(exc))
+    _configure(settings)
+    handlers = {"aggregator": _serve_aggregator, "worker": _serve_worker, "run": _run_embedded}
+    try:
+        return handlers[args.command](settings)
+    except FedmqError as exc:
+        print(f"fedmq {args.command}: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

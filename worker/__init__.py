@@ -1,0 +1,1 @@
+"""The worker service: keeps its data, trains each model version it is given, sends the delta."""
