@@ -26,7 +26,7 @@ from fedmq.errors import BrokerError, InvalidMessage
 from fedmq.messages import (Heartbeat, JoinAccepted, ModelBroadcast, RunComplete, TaskSpec, WeightUpdate,
                             WorkerGoodbye, WorkerHello, encode)
 from fedmq.settings import Settings
-from fedmq.task import build_model, load_split, make_partitions
+from fedmq.task import build_model, forget_cached_splits, load_split, make_partitions
 from fedmq.topology import CONTROL_QUEUE, DEFAULT_EXCHANGE, STATIC_TOPOLOGY, UPDATES_QUEUE, inbox_queue, inbox_topology
 from fedmq.transport import Transport
 from worker.trainer import train_locally
@@ -238,6 +238,8 @@ class Worker:
         parts = make_partitions(task.partition_scheme, split.labels.numpy(), task.num_partitions, seed=task.seed,
                                 alpha=task.dirichlet_alpha, shards_per_partition=task.shards_per_partition)
         local = split.subset(np.asarray(parts[partition]))
+        del split
+        forget_cached_splits()  # keep only this worker's partition in memory
         model = build_model(task.model).to(self.device)
         loaded = _LocalData((task, partition), local.images.to(self.device), local.labels.to(self.device), model)
         with self._cond:
