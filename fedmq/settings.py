@@ -114,7 +114,7 @@ def add_group(parser: argparse.ArgumentParser, group: str) -> None:
     cls = GROUPS[group]
     section = parser.add_argument_group(f"{group} settings")
     for f in dataclasses.fields(cls):
-        help_text = f"{f.metadata['help']} [env {env_name(f.name)}; default {f.default!r}]"
+        help_text = f"{f.metadata['help']} [env {env_name(f.name)}; default {f.default!r}]".replace("%", "%%")
         if f.type in ("bool", bool):
             section.add_argument(flag_name(f.name), dest=f.name, default=None,
                                  action=argparse.BooleanOptionalAction, help=help_text)

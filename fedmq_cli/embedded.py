@@ -20,8 +20,12 @@ from worker.service import Worker
 log = logging.getLogger(__name__)
 
 
-def run_embedded(settings: Settings, *, on_version: Callable[[VersionRecord], None] | None = None) -> RunResult:
-    """Run a whole federation in this process and return the aggregator's result."""
+def run_embedded(settings: Settings, *, on_version: Callable[[VersionRecord], None] | None = None,
+                 hub: MemoryHub | None = None) -> RunResult:
+    """Run a whole federation in this process and return the aggregator's result.
+
+    ``hub`` lets a caller (tests) share the in-memory broker to watch or inject messages.
+    """
     workers = settings.embedded.workers
     run = settings.run
     # The embedded federation starts once all its workers are ready (and, with the default
@@ -29,7 +33,7 @@ def run_embedded(settings: Settings, *, on_version: Callable[[VersionRecord], No
     if run.start_workers == 1:
         run = dataclasses.replace(run, start_workers=workers)
     settings = dataclasses.replace(settings, run=run, worker=dataclasses.replace(settings.worker, exit_when_done=True))
-    hub = MemoryHub()
+    hub = hub or MemoryHub()
     aggregator_broker = hub.connect()
     aggregator = Aggregator(settings, aggregator_broker, on_version=on_version)
     errors: list[BaseException] = []

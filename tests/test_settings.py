@@ -1,0 +1,49 @@
+"""Settings: flags beat FEDMQ_* variables beat defaults; bad values are clear errors."""
+
+import pytest
+
+from fedmq.settings import GROUPS, SettingsError, env_name, settings_from_args
+from fedmq_cli.__main__ import build_parser
+
+
+def parse(argv, environ=None):
+    return settings_from_args(build_parser().parse_args(argv), environ or {})
+
+
+def test_defaults_environment_and_flags_in_that_order():
+    assert parse(["aggregator"]).run.learning_rate == 0.05
+    assert parse(["aggregator"], {"FEDMQ_LEARNING_RATE": "0.1"}).run.learning_rate == 0.1
+    assert parse(["aggregator", "--learning-rate", "0.2"], {"FEDMQ_LEARNING_RATE": "0.1"}).run.learning_rate == 0.2
+
+
+def test_booleans_from_flags_and_environment():
+    assert parse(["worker"]).worker.exit_when_done is True
+    assert parse(["worker", "--no-exit-when-done"]).worker.exit_when_done is False
+    assert parse(["worker"], {"FEDMQ_EXIT_WHEN_DONE": "false"}).worker.exit_when_done is False
+
+
+def test_bad_environment_values_name_the_variable():
+    with pytest.raises(SettingsError, match="FEDMQ_VERSIONS"):
+        parse(["aggregator"], {"FEDMQ_VERSIONS": "ten"})
+    with pytest.raises(SettingsError, match="FEDMQ_DATASET"):
+        parse(["aggregator"], {"FEDMQ_DATASET": "imagenet"})
+    with pytest.raises(SettingsError, match="--client-fraction"):
+        parse(["aggregator", "--client-fraction", "0"])
+
+
+def test_every_setting_has_a_flag_in_help_with_its_variable(capsys):
+    parser = build_parser()
+    for command, groups in (("aggregator", ("broker", "data", "run")), ("worker", ("broker", "data", "worker")),
+                            ("run", ("data", "run", "worker", "embedded"))):
+        with pytest.raises(SystemExit):
+            parser.parse_args([command, "--help"])
+        text = capsys.readouterr().out
+        for group in groups:
+            for field in GROUPS[group].__dataclass_fields__:
+                assert "--" + field.replace("_", "-") in text and env_name(field) in text, (command, field)
+
+
+def test_settings_are_frozen():
+    settings = parse(["run"])
+    with pytest.raises(Exception):
+        settings.run.versions = 3  # type: ignore[misc]
