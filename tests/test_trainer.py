@@ -33,7 +33,7 @@ def test_epochs_steps_and_the_integer_batchnorm_buffer():
 
 def test_fixed_steps_and_fedsgd():
     model = build_model("cifar-cnn", seed=0)
-    weights = model.state_dict()
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
     images, labels = data()
     assert train_locally(model, weights, images, labels, config(local_steps=3), seed=1).steps == 3
     fedsgd = train_locally(model, weights, images, labels, config(local_epochs=0, local_steps=1, batch_size=0), seed=1)
