@@ -276,7 +276,12 @@ class Aggregator:
         if update.run_id != self.run_id:
             self._dead_letter(received.deliveries, "wrong-run", f"update of run {update.run_id!r}, this is {self.run_id!r}")
             return
-        if round_ is None or update.base_version < round_.version:
+        try:
+            check_compatible(self.weights, update.delta)
+        except InvalidMessage as exc:
+            self._dead_letter(received.deliveries, exc.reason, f"from {update.worker_id}: {exc.detail}")
+            return
+        if update.base_version < self.version:
             for d in received.deliveries:
                 self.broker.ack(d)
             if round_ is not None:
@@ -285,9 +290,10 @@ class Aggregator:
             log.info("stale update from %s for version %d dropped (current %d)",
                      update.worker_id, update.base_version, self.version)
             return
-        if update.base_version > round_.version:
+        if round_ is None or update.base_version > round_.version:
             self._dead_letter(received.deliveries, "future-version",
-                              f"update for version {update.base_version}, only {round_.version} exists")
+                              f"update for version {update.base_version}, open version is "
+                              f"{round_.version if round_ else 'none yet'}")
             return
         round_.bytes_up += received.size
         if round_.selected and update.worker_id not in round_.selected:
@@ -301,11 +307,6 @@ class Aggregator:
             round_.deliveries.extend(received.deliveries)
             round_.duplicates += 1
             log.info("version %d: duplicate update from %s ignored", round_.version, update.worker_id)
-            return
-        try:
-            check_compatible(self.weights, update.delta)
-        except InvalidMessage as exc:
-            self._dead_letter(received.deliveries, exc.reason, f"from {update.worker_id}: {exc.detail}")
             return
         round_.running.fold(update.delta, update.num_samples)
         round_.folded.add(update.worker_id)
