@@ -35,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _configure(settings: Settings) -> None:
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
+    # pika logs every socket event at INFO; fedmq logs the connection events a person needs.
+    logging.getLogger("pika").setLevel(max(logging.WARNING, logging.getLogger().level))
     import torch  # imported late: `fedmq --help` stays fast
 
     threads = settings.worker.threads or settings.run.eval_threads

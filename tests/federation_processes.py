@@ -1,0 +1,127 @@
+"""A federation of real processes (``python -m fedmq_cli``) over a real RabbitMQ, for tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pika
+
+REPO = Path(__file__).resolve().parent.parent
+FEDMQ_QUEUES = ("fedmq.updates", "fedmq.control", "fedmq.dead-letters")
+
+
+def purge_fedmq_queues(url: str) -> None:
+    """Empty fedmq's shared queues so that nothing from an earlier run interferes."""
+    from fedmq.broker.rabbitmq import RabbitBroker
+    from fedmq.topology import STATIC_TOPOLOGY
+
+    with RabbitBroker(url, connection_name="fedmq-test-setup") as broker:
+        broker.declare(STATIC_TOPOLOGY)
+    connection = pika.BlockingConnection(pika.URLParameters(url))
+    try:
+        channel = connection.channel()
+        for queue in FEDMQ_QUEUES:
+            channel.queue_purge(queue)
+    finally:
+        connection.close()
+
+
+def dead_letters(url: str) -> list[tuple[bytes, dict]]:
+    """Take every message out of the dead-letter queue: (body, headers)."""
+    connection = pika.BlockingConnection(pika.URLParameters(url))
+    out = []
+    try:
+        channel = connection.channel()
+        while True:
+            method, properties, body = channel.basic_get("fedmq.dead-letters", auto_ack=True)
+            if method is None:
+                return out
+            out.append((body, dict(properties.headers or {})))
+    finally:
+        connection.close()
+
+
+class Federation:
+    """Starts an aggregator and workers as processes; collects their logs; kills them all at the end."""
+
+    def __init__(self, tmp_path: Path, data_root: Path, url: str, run_id: str, **env: object) -> None:
+        self.tmp_path, self.run_id = tmp_path, run_id
+        self.env = dict(os.environ)
+        self.env.update({
+            "FEDMQ_BROKER_URL": url, "FEDMQ_DATA_ROOT": str(data_root), "FEDMQ_DOWNLOAD": "false",
+            "FEDMQ_RUN_ID": run_id, "FEDMQ_OUTPUT_DIR": str(tmp_path / "runs"), "FEDMQ_THREADS": "1",
+            "FEDMQ_MODEL": "fedavg-2nn", "FEDMQ_HEARTBEAT_INTERVAL_S": "1", "FEDMQ_WORKER_TIMEOUT_S": "5",
+            "FEDMQ_LOG_LEVEL": "INFO", "PYTHONUNBUFFERED": "1",
+        })
+        self.env.update({k: str(v) for k, v in env.items()})
+        self.processes: dict[str, subprocess.Popen] = {}
+
+    def _start(self, name: str, args: list[str]) -> subprocess.Popen:
+        log = open(self.tmp_path / f"{name}.log", "wb")
+        process = subprocess.Popen([sys.executable, "-m", "fedmq_cli", *args], cwd=REPO, env=self.env,
+                                   stdout=log, stderr=subprocess.STDOUT)
+        self.processes[name] = process
+        return process
+
+    def aggregator(self, *flags: str) -> subprocess.Popen:
+        return self._start("aggregator", ["aggregator", *flags])
+
+    def worker(self, name: str, *flags: str) -> subprocess.Popen:
+        return self._start(name, ["worker", "--worker-id", name, *flags])
+
+    def log(self, name: str) -> str:
+        return (self.tmp_path / f"{name}.log").read_text(errors="replace")
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.tmp_path / "runs" / self.run_id / "metrics.jsonl"
+
+    def records(self) -> list[dict]:
+        if not self.metrics_path.exists():
+            return []
+        return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
+
+    def wait_for_version(self, version: int, timeout_s: float) -> list[dict]:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            records = self.records()
+            if any(r["version"] >= version for r in records):
+                return records
+            if self.processes["aggregator"].poll() is not None:
+                break
+            time.sleep(0.1)
+        raise AssertionError(f"version {version} not reached; aggregator log:\n{self.log('aggregator')[-3000:]}")
+
+    def wait_aggregator(self, timeout_s: float) -> int:
+        try:
+            return self.processes["aggregator"].wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"aggregator still running; log:\n{self.log('aggregator')[-3000:]}") from None
+
+    def wait_workers(self, timeout_s: float) -> dict[str, int | None]:
+        deadline = time.monotonic() + timeout_s
+        codes = {}
+        for name, process in self.processes.items():
+            if name == "aggregator":
+                continue
+            try:
+                codes[name] = process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                codes[name] = None
+        return codes
+
+    def kill(self, name: str) -> None:
+        self.processes[name].send_signal(signal.SIGKILL)
+        self.processes[name].wait()
+
+    def close(self) -> None:
+        for process in self.processes.values():
+            if process.poll() is None:
+                process.kill()
+                process.wait()
