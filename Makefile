@@ -10,7 +10,6 @@ export FEDMQ_DATA_MIRROR ?= $(abspath $(wildcard ../shared/data))
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
 	# torch and torchvision are pinned in pyproject.toml (2.14.1 / 0.29.1), never resolved newer.
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $@

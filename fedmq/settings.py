@@ -59,7 +59,7 @@ class RunSettings:
     dirichlet_alpha: float = setting(0.5, "concentration of the Dirichlet split (smaller: more skewed)")
     shards_per_partition: int = setting(2, "label shards per worker for the shards split")
     seed: int = setting(0, "seed of the initial model, the partitions and the client selection")
-    versions: int = setting(10, "stop after this many model versions (rounds)")
+    versions: int = setting(5, "stop after this many model versions (rounds)")
     target_accuracy: float = setting(0.0, "stop early once test accuracy reaches this (0: never)")
     local_epochs: int = setting(1, "local epochs per version (E)")
     local_steps: int = setting(0, "fixed local optimizer steps per version instead of epochs (0: use epochs; 1 with batch 0: FedSGD)")

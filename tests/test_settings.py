@@ -47,3 +47,12 @@ def test_settings_are_frozen():
     settings = parse(["run"])
     with pytest.raises(Exception):
         settings.run.versions = 3  # type: ignore[misc]
+
+
+def test_the_readme_documents_every_setting():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    for cls in GROUPS.values():
+        for field in cls.__dataclass_fields__:
+            assert f"`{env_name(field)}`" in readme and f"`--{field.replace('_', '-')}`" in readme, field
