@@ -31,7 +31,7 @@ from fedmq.task import build_model, load_split
 from fedmq.tensor_codec import payload_bytes
 from fedmq.topology import (BROADCAST_EXCHANGE, CONTROL_QUEUE, DEFAULT_EXCHANGE, STATIC_TOPOLOGY, UPDATES_QUEUE,
                             inbox_queue)
-from fedmq.transport import Transport
+from fedmq.transport import Received, Transport
 
 log = logging.getLogger(__name__)
 
@@ -218,12 +218,17 @@ class Aggregator:
         if self.round is not None:
             self.round.dead_lettered += 1
 
-    def _on_control(self, delivery: Delivery) -> None:
+    def _receive(self, delivery: Delivery) -> Received | None:
+        """The whole message a delivery completes; None while chunks are missing or if invalid
+        (then it is dead-lettered)."""
         try:
-            received = self.transport.receive(delivery)
+            return self.transport.receive(delivery)
         except InvalidMessage as exc:
             self._dead_letter(exc.deliveries, exc.reason, exc.detail)  # type: ignore[attr-defined]
-            return
+            return None
+
+    def _on_control(self, delivery: Delivery) -> None:
+        received = self._receive(delivery)
         if received is None:
             return
         message, now = received.message, self.clock()
@@ -262,11 +267,7 @@ class Aggregator:
                  record.partition, self.task.num_partitions, len(self.registry.live_ids()))
 
     def _on_update(self, delivery: Delivery) -> None:
-        try:
-            received = self.transport.receive(delivery)
-        except InvalidMessage as exc:
-            self._dead_letter(exc.deliveries, exc.reason, exc.detail)  # type: ignore[attr-defined]
-            return
+        received = self._receive(delivery)
         if received is None:
             return
         update, round_ = received.message, self.round

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import subprocess
 import uuid
 from pathlib import Path
 
@@ -33,8 +34,22 @@ def _port_open(host: str, port: int) -> bool:
         return False
 
 
+def _rabbitmqctl(*args: str) -> bool:
+    try:
+        done = subprocess.run(["rabbitmqctl", "-q", *args], capture_output=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return done.returncode == 0
+
+
 @pytest.fixture(scope="session")
 def rabbitmq_url() -> str:
+    """A real broker; a vhost of its own when ``rabbitmqctl`` can make one.
+
+    A vhost per test session keeps these tests apart from any other federation (or benchmark)
+    on the same broker: fedmq's queue names are fixed, so two federations share a vhost only if
+    they mean to.
+    """
     url = os.environ.get("FEDMQ_TEST_RABBITMQ_URL", DEFAULT_RABBITMQ_URL)
     import pika  # tests may import pika directly; the package keeps it in one module
 
@@ -44,7 +59,14 @@ def rabbitmq_url() -> str:
         if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
             pytest.fail(f"{message}; CI needs a real broker", pytrace=False)
         pytest.skip(message)
-    return url
+    vhost = f"fedmq-test-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    user = params.credentials.username
+    if params.host in ("127.0.0.1", "localhost") and _rabbitmqctl("add_vhost", vhost):
+        _rabbitmqctl("set_permissions", "-p", vhost, user, ".*", ".*", ".*")
+        yield f"amqp://{user}:{params.credentials.password}@{params.host}:{params.port}/{vhost}"
+        _rabbitmqctl("delete_vhost", vhost)
+    else:
+        yield url
 
 
 @pytest.fixture
