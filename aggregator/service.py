@@ -259,6 +259,10 @@ class Aggregator:
                 # A late joiner gets the current model now, not at the next version.
                 sent = self.transport.send(DEFAULT_EXCHANGE, inbox, self.round.broadcast)
                 self.round.bytes_down += sent
+                if not self.round.selected and len(self.round.expected) < self.cfg.start_workers:
+                    # A version opened short of --start-workers (after a resume, or after many
+                    # workers died) counts joiners into its quorum instead of closing on the first.
+                    self.round.expected.add(worker_id)
         except Unroutable:
             log.warning("worker %s has no inbox queue: ignoring its hello", worker_id)
             self.registry.leave(worker_id)

@@ -88,6 +88,8 @@ class WorkerSettings:
     heartbeat_interval_s: float = setting(5.0, "seconds between heartbeats to the aggregator")
     threads: int = setting(0, "torch threads for local training (0: torch's default)")
     exit_when_done: bool = setting(True, "exit when the run completes instead of waiting for the next run")
+    trusted_models: str = setting("", "comma-separated package.module:factory models this worker may build when a "
+                                      "run asks for them (built-in models are always allowed)")
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,9 @@ def run_embedded(settings: Settings, *, on_version: Callable[[VersionRecord], No
     # --num-partitions 0, splits the data among exactly them).
     if run.start_workers == 1:
         run = dataclasses.replace(run, start_workers=workers)
-    settings = dataclasses.replace(settings, run=run, worker=dataclasses.replace(settings.worker, exit_when_done=True))
+    # The embedded workers build whatever model the run names: it is the same process's choice.
+    worker = dataclasses.replace(settings.worker, exit_when_done=True, trusted_models=run.model)
+    settings = dataclasses.replace(settings, run=run, worker=worker)
     hub = hub or MemoryHub()
     aggregator_broker = hub.connect()
     aggregator = Aggregator(settings, aggregator_broker, on_version=on_version)

@@ -52,3 +52,23 @@ def test_same_seed_same_delta_and_should_stop_cuts_training_short():
     stopped = train_locally(model, weights, images, labels, config(local_epochs=3), seed=5,
                             should_stop=lambda: calls.append(1) or len(calls) > 2)
     assert not stopped.completed and stopped.steps == 2
+
+
+def test_a_worker_refuses_a_model_it_does_not_trust():
+    from fedmq.broker.memory import MemoryHub
+    from fedmq.messages import JoinAccepted, TaskSpec
+    from fedmq.settings import Settings, WorkerSettings
+    from worker.service import Worker
+
+    def join(model):
+        return JoinAccepted("run", "w", 0, TaskSpec("mnist", model, "iid", 2, 0.5, 2, 0))
+
+    untrusting = Worker(Settings(worker=WorkerSettings(worker_id="w")), MemoryHub().connect())
+    untrusting._on_join(join("os:getcwd"))
+    assert untrusting._task is None  # nothing will be imported, loaded or trained
+    untrusting._on_join(join("fedavg-2nn"))
+    assert untrusting._task is not None and untrusting._task.model == "fedavg-2nn"
+    trusting = Worker(Settings(worker=WorkerSettings(worker_id="w", trusted_models="mypkg.nets:small")),
+                      MemoryHub().connect())
+    trusting._on_join(join("mypkg.nets:small"))
+    assert trusting._task is not None

@@ -26,7 +26,7 @@ from fedmq.errors import BrokerError, InvalidMessage
 from fedmq.messages import (Heartbeat, JoinAccepted, ModelBroadcast, RunComplete, TaskSpec, WeightUpdate,
                             WorkerGoodbye, WorkerHello, encode)
 from fedmq.settings import Settings
-from fedmq.task import build_model, forget_cached_splits, load_split, make_partitions
+from fedmq.task import BUILTIN_MODELS, build_model, forget_cached_splits, load_split, make_partitions
 from fedmq.topology import CONTROL_QUEUE, DEFAULT_EXCHANGE, STATIC_TOPOLOGY, UPDATES_QUEUE, inbox_queue, inbox_topology
 from fedmq.transport import Transport
 from worker.trainer import train_locally
@@ -147,7 +147,17 @@ class Worker:
         else:
             log.warning("worker %s: unexpected %s message in the inbox ignored", self.worker_id, message.KIND)
 
+    def _model_allowed(self, spec: str) -> bool:
+        # A model spec from the wire names code to import and call: a worker builds only the
+        # built-ins and the user models its own operator listed.
+        trusted = {s.strip() for s in self.cfg.trusted_models.split(",") if s.strip()}
+        return spec in BUILTIN_MODELS or spec in trusted
+
     def _on_join(self, join: JoinAccepted) -> None:
+        if not self._model_allowed(join.task.model):
+            log.error("worker %s: run %s asks for model %r, which this worker does not trust; "
+                      "add it to --trusted-models to allow it", self.worker_id, join.run_id, join.task.model)
+            return
         with self._cond:
             if (join.run_id, join.task, join.partition_index) == (self._run_id, self._task, self._partition):
                 return
