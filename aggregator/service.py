@@ -23,6 +23,7 @@ from aggregator.registry import WorkerRegistry
 from aggregator.rounds import OpenRound, VersionRecord
 from aggregator.selection import quorum_size, select_participants
 from fedmq.broker.base import Broker, Delivery
+from fedmq.device import resolve_device
 from fedmq.errors import InvalidMessage, Unroutable
 from fedmq.messages import (Heartbeat, JoinAccepted, ModelBroadcast, RunComplete, TaskSpec, TrainingConfig,
                             WeightUpdate, WorkerGoodbye, WorkerHello, encode)
@@ -43,13 +44,6 @@ class RunResult:
     test_accuracy: float
     output_dir: Path
     records: tuple[VersionRecord, ...]
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` is CUDA when available, else CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def default_run_id() -> str:

@@ -72,3 +72,15 @@ def test_a_worker_refuses_a_model_it_does_not_trust():
                       MemoryHub().connect())
     trusting._on_join(join("mypkg.nets:small"))
     assert trusting._task is not None
+
+
+def test_device_choice():
+    import pytest
+
+    from fedmq.device import DeviceUnavailable, resolve_device
+
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(DeviceUnavailable, match="no CUDA device"):
+            resolve_device("cuda")

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from fedmq.broker.base import Broker, Delivery
+from fedmq.device import resolve_device
 from fedmq.errors import BrokerError, InvalidMessage
 from fedmq.messages import (Heartbeat, JoinAccepted, ModelBroadcast, RunComplete, TaskSpec, WeightUpdate,
                             WorkerGoodbye, WorkerHello, encode)
@@ -38,14 +39,6 @@ def default_worker_id() -> str:
     """Host name, process id and a random suffix: unique across ``--scale``d containers."""
     host = "".join(c if c.isalnum() or c in "-_." else "-" for c in socket.gethostname())[:40]
     return f"{host}-{os.getpid()}-{uuid.uuid4().hex[:4]}"
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was asked for but torch sees no CUDA device")
-    return torch.device(name)
 
 
 @dataclass
