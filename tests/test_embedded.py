@@ -50,3 +50,10 @@ def test_a_finished_run_resumes_from_its_checkpoint_and_goes_further(data_root, 
     assert [r.version for r in more] == [2] and second.final_version == 2
     saved = json.loads((second.output_dir / "state.json").read_text())
     assert saved["version"] == 2 and sorted(saved["partition_table"].values()) == [0, 1, 2]
+
+
+def test_the_run_stops_early_at_the_target_accuracy(data_root, tmp_path):
+    result = run_embedded(embedded_settings(data_root, tmp_path, versions=5, target_accuracy=0.9))
+    assert result.final_version < 5 and result.test_accuracy >= 0.9
+    assert len(result.records) == result.final_version
+    assert all(r.test_accuracy < 0.9 for r in result.records[:-1])
