@@ -88,6 +88,10 @@ class WorkerSettings:
     heartbeat_interval_s: float = setting(5.0, "seconds between heartbeats to the aggregator")
     threads: int = setting(0, "torch threads for local training (0: torch's default)")
     exit_when_done: bool = setting(True, "exit when the run completes instead of waiting for the next run")
+    training_slots: int = setting(0, "at most this many workers sharing --training-slots-dir train at once "
+                                     "(0: no cap); use the core or GPU count when workers share a machine")
+    training_slots_dir: str = setting("/tmp/fedmq-training-slots", "directory of the lock files of the training slots "
+                                      "(a volume shared by the co-located workers)")
     trusted_models: str = setting("", "comma-separated package.module:factory models this worker may build when a "
                                       "run asks for them (built-in models are always allowed)")
 
@@ -194,5 +198,6 @@ def validate(s: Settings) -> None:
     _require(w.heartbeat_interval_s < r.worker_timeout_s, "heartbeat_interval_s",
              f"must be below the worker timeout ({r.worker_timeout_s} s)")
     _require(s.embedded.workers >= 1, "workers", "must be >= 1")
+    _require(w.training_slots >= 0, "training_slots", "must be >= 0")
     _require(all(c.isalnum() or c in "-_." for c in w.worker_id), "worker_id", "letters, digits, - _ . only")
     _require(all(c.isalnum() or c in "-_." for c in r.run_id), "run_id", "letters, digits, - _ . only")

@@ -31,6 +31,7 @@ from fedmq.task import BUILTIN_MODELS, build_model, forget_cached_splits, load_s
 from fedmq.topology import CONTROL_QUEUE, DEFAULT_EXCHANGE, STATIC_TOPOLOGY, UPDATES_QUEUE, inbox_queue, inbox_topology
 from fedmq.transport import Transport
 from worker.trainer import train_locally
+from worker.training_slots import TrainingSlots
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,7 @@ class Worker:
         self.transport = Transport(broker, max_frame_bytes=settings.broker.max_frame_bytes)
         self.device = resolve_device(self.cfg.device)
         self.clock = clock
+        self.slots = TrainingSlots(self.cfg.training_slots_dir, self.cfg.training_slots)
         self.updates_sent = 0
         self._cond = threading.Condition()
         self._stopping = threading.Event()
@@ -263,8 +265,14 @@ class Worker:
         with self._cond:
             self._state = "training"
         seed = (data.key[0].seed * 1_000_003 + model.version * 1009 + data.key[1]) % (2**63)
-        result = train_locally(data.model, model.weights, data.images, data.labels, model.training, seed=seed,
-                               should_stop=lambda: self._newer_model_waiting(model.version, model.run_id))
+        superseded = lambda: self._newer_model_waiting(model.version, model.run_id)  # noqa: E731
+        with self.slots.hold(give_up=superseded) as granted:
+            if not granted:
+                with self._cond:
+                    self._state = "idle"
+                return
+            result = train_locally(data.model, model.weights, data.images, data.labels, model.training,
+                                   seed=seed, should_stop=superseded)
         with self._cond:
             self._state = "idle"
             if not result.completed:
