@@ -32,9 +32,11 @@ INBOX_PREFIX = "fedmq.inbox."
 REASON_HEADER = "x-fedmq-reason"
 SOURCE_QUEUE_HEADER = "x-fedmq-source-queue"
 
-#: An inbox whose worker is gone for this long is deleted by the broker (ms). Long enough to
-#: ride out a reconnect, short enough that scaled-down workers do not leave queues behind.
-INBOX_EXPIRES_MS = 10 * 60 * 1000
+#: An inbox without a consumer for this long is deleted by the broker (ms): a worker killed
+#: without a goodbye stops costing a copy of every broadcast after a minute. A worker that
+#: reconnects later declares its inbox again and is sent the current model on its heartbeat.
+#: (A worker that exits cleanly deletes its inbox itself.)
+INBOX_EXPIRES_MS = 60 * 1000
 
 
 @dataclass(frozen=True)

@@ -44,7 +44,7 @@ class Transport:
         self.dead_letters: Counter[str] = Counter()
 
     def send(self, exchange: str, routing_key: str, message: Message | bytes, *,
-             persistent: bool = True, mandatory: bool = True) -> int:
+             persistent: bool = True, mandatory: bool = True, ttl_s: float | None = None) -> int:
         """Publish one message (chunked if needed), each frame confirmed. Returns bytes sent.
 
         ``message`` may be already-encoded bytes, to send one encoding to several places.
@@ -52,7 +52,7 @@ class Transport:
         payload = message if isinstance(message, bytes) else encode(message)
         frames = split_frames(payload, max_frame_bytes=self.max_frame_bytes)
         for frame in frames:
-            self.broker.publish(exchange, routing_key, frame, persistent=persistent, mandatory=mandatory)
+            self.broker.publish(exchange, routing_key, frame, persistent=persistent, mandatory=mandatory, ttl_s=ttl_s)
         return sum(map(len, frames))
 
     def receive(self, delivery: Delivery) -> Received | None:

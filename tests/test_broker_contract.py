@@ -478,3 +478,36 @@ def _topology(**parts: Any):
     from fedmq.topology import Topology
 
     return Topology(**parts)
+
+
+# -- expiry and deletion -----------------------------------------------------------------------
+def test_an_expired_message_is_never_delivered(env: Env) -> None:
+    broker = env.connect()
+    queue = env.queue("ttl")
+    broker.declare_queue(queue)
+    broker.publish("", queue.name, b"stale", ttl_s=0.2)
+    broker.publish("", queue.name, b"fresh", ttl_s=60)
+    time.sleep(0.5)
+    got: list[Delivery] = []
+    broker.subscribe(queue.name, got.append, prefetch=10)
+    assert pump(broker, lambda: len(got) >= 1)
+    settle(broker, 0.3)
+    assert [d.body for d in got] == [b"fresh"]
+
+
+def test_a_deleted_queue_no_longer_receives_from_its_exchange(env: Env) -> None:
+    broker = env.connect()
+    exchange = env.exchange("fan", "fanout")
+    kept, doomed = env.queue("kept"), env.queue("doomed")
+    broker.declare_exchange(exchange)
+    for queue in (kept, doomed):
+        broker.declare_queue(queue)
+        broker.bind(BindingSpec(exchange.name, queue.name))
+    broker.delete_queue(doomed.name)
+    broker.delete_queue(doomed.name)  # deleting what is gone is not an error
+    broker.publish(exchange.name, "", b"m")
+    got: list[Delivery] = []
+    broker.subscribe(kept.name, got.append, prefetch=10)
+    assert pump(broker, lambda: len(got) == 1)
+    with pytest.raises(BrokerConfigError):
+        broker.subscribe(doomed.name, got.append, prefetch=1)

@@ -62,6 +62,10 @@ class Worker:
         self.device = resolve_device(self.cfg.device)
         self.clock = clock
         self.slots = TrainingSlots(self.cfg.training_slots_dir, self.cfg.training_slots)
+        # Hellos, heartbeats and goodbyes expire in the control queue: an aggregator started
+        # later must not take the last words of a dead worker for a live one. A live worker's
+        # next heartbeat announces it again.
+        self._control_ttl_s = max(5.0, 4 * self.cfg.heartbeat_interval_s)
         self.updates_sent = 0
         self._cond = threading.Condition()
         self._stopping = threading.Event()
@@ -85,7 +89,7 @@ class Worker:
         # unlimited prefetch cannot deadlock chunk reassembly or trip the consumer timeout.
         self.broker.subscribe(inbox_queue(self.worker_id).name, self._on_inbox, prefetch=0)
         self.transport.send(DEFAULT_EXCHANGE, CONTROL_QUEUE,
-                            WorkerHello(self.worker_id, self.cfg.partition, self.device.type))
+                            WorkerHello(self.worker_id, self.cfg.partition, self.device.type), ttl_s=self._control_ttl_s)
         log.info("worker %s on %s: hello sent, waiting for the aggregator", self.worker_id, self.device)
         trainer = threading.Thread(target=self._training_loop, name=f"train-{self.worker_id}", daemon=True)
         trainer.start()
@@ -104,9 +108,14 @@ class Worker:
             if not self._done:
                 try:
                     self.transport.send(DEFAULT_EXCHANGE, CONTROL_QUEUE, WorkerGoodbye(self.worker_id, self._run_id),
-                                        persistent=False)
+                                        persistent=False, ttl_s=self._control_ttl_s)
                 except BrokerError as exc:
                     log.warning("worker %s: goodbye not sent: %s", self.worker_id, exc)
+            try:
+                # Leaving for good: stop the broadcast fanout from copying models into our inbox.
+                self.broker.delete_queue(inbox_queue(self.worker_id).name)
+            except BrokerError as exc:
+                log.warning("worker %s: inbox not deleted (it expires on its own): %s", self.worker_id, exc)
         log.info("worker %s stopped after %d updates", self.worker_id, self.updates_sent)
         return self.updates_sent
 
@@ -120,7 +129,7 @@ class Worker:
         with self._cond:
             beat = Heartbeat(self.worker_id, self._run_id, self._state, self._trained[1], self._partition,
                              self.device.type)
-        self.transport.send(DEFAULT_EXCHANGE, CONTROL_QUEUE, beat, persistent=False)
+        self.transport.send(DEFAULT_EXCHANGE, CONTROL_QUEUE, beat, persistent=False, ttl_s=self._control_ttl_s)
 
     def _on_inbox(self, delivery: Delivery) -> None:
         try:

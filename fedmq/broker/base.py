@@ -70,11 +70,18 @@ class Broker(abc.ABC):
         headers: Mapping[str, Any] | None = None,
         persistent: bool = True,
         mandatory: bool = True,
+        ttl_s: float | None = None,
     ) -> None:
         """Publish and return once the broker has confirmed the message.
 
-        Raises :class:`fedmq.errors.Unroutable` when ``mandatory`` and no queue took it.
+        ``ttl_s``: the broker drops the message if nobody consumed it within that many seconds
+        (a per-message TTL). Raises :class:`fedmq.errors.Unroutable` when ``mandatory`` and no
+        queue took it.
         """
+
+    @abc.abstractmethod
+    def delete_queue(self, name: str) -> None:
+        """Delete a queue and its messages (no error if it does not exist)."""
 
     @abc.abstractmethod
     def subscribe(self, queue: str, handler: DeliveryHandler, *, prefetch: int) -> None:

@@ -28,6 +28,7 @@ class _Stored:
     headers: dict[str, Any]
     persistent: bool
     redelivered: bool = False
+    expires_at: float | None = None  # monotonic seconds, from a per-message TTL
 
 
 class _Queue:
@@ -65,7 +66,8 @@ class MemoryHub:
             raise Unroutable(f"no queue bound for exchange={exchange!r} routing_key={routing_key!r}")
         for queue in targets:
             # Each queue gets its own record (redelivery flags differ); the bytes are shared.
-            queue.messages.append(_Stored(stored.body, dict(stored.headers), stored.persistent))
+            queue.messages.append(_Stored(stored.body, dict(stored.headers), stored.persistent,
+                                          expires_at=stored.expires_at))
         self.condition.notify_all()
 
     # -- inspection, for tests and the embedded mode ------------------------------------------
@@ -139,11 +141,20 @@ class MemoryBroker(Broker):
         headers: Mapping[str, Any] | None = None,
         persistent: bool = True,
         mandatory: bool = True,
+        ttl_s: float | None = None,
     ) -> None:
         self._check_open()
-        stored = _Stored(bytes(body), dict(headers or {}), persistent)
+        expires_at = None if ttl_s is None else time.monotonic() + ttl_s
+        stored = _Stored(bytes(body), dict(headers or {}), persistent, expires_at=expires_at)
         with self.hub.condition:
             self.hub._enqueue(exchange, routing_key, stored, mandatory)
+
+    def delete_queue(self, name: str) -> None:
+        self._check_open()
+        with self.hub.condition:
+            self.hub._queues.pop(name, None)
+            for bound in self.hub._bindings.values():
+                bound.difference_update({b for b in bound if b[0] == name})
 
     def subscribe(self, queue: str, handler: DeliveryHandler, *, prefetch: int) -> None:
         self._check_open()
@@ -187,6 +198,10 @@ class MemoryBroker(Broker):
         """Pop one deliverable message for this connection (condition held)."""
         for queue_name, (handler, prefetch) in self._handlers.items():
             queue = self.hub._queues.get(queue_name)
+            # Like RabbitMQ, expired messages are dropped when they reach the head of the queue.
+            now = time.monotonic()
+            while queue is not None and queue.messages and (queue.messages[0].expires_at or now + 1) <= now:
+                queue.messages.popleft()
             if queue is None or not queue.messages:
                 continue
             if queue.spec.argument("x-single-active-consumer") and queue.consumers[:1] != [self]:

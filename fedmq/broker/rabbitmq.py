@@ -562,6 +562,7 @@ class RabbitBroker(Broker):
         headers: Mapping[str, Any] | None = None,
         persistent: bool = True,
         mandatory: bool = True,
+        ttl_s: float | None = None,
     ) -> None:
         self._check_open()
         data = bytes(body)
@@ -574,7 +575,10 @@ class RabbitBroker(Broker):
         if header_table:
             _check_headers(header_table)
         properties = pika.BasicProperties(
-            headers=header_table, delivery_mode=2 if persistent else 1
+            headers=header_table,
+            delivery_mode=2 if persistent else 1,
+            # Per-message TTL, in milliseconds as a string (AMQP 0.9.1's `expiration`).
+            expiration=None if ttl_s is None else str(max(0, int(ttl_s * 1000))),
         )
         last = "unknown error"
         for _ in range(_OP_TRIES):
@@ -618,6 +622,14 @@ class RabbitBroker(Broker):
                 last = _describe(exc)
                 self._lost(_PUBLISH, last)
         raise BrokerUnavailable(f"publish failed {_OP_TRIES} times: {last}")
+
+    def delete_queue(self, name: str) -> None:
+        self._check_open()
+        self._admin_op(lambda ch: ch.queue_delete(name))
+        self._topology = [spec for spec in self._topology
+                          if not (isinstance(spec, QueueSpec) and spec.name == name)
+                          and not (isinstance(spec, BindingSpec) and spec.queue == name)]
+        self._subscriptions.pop(name, None)
 
     def subscribe(self, queue: str, handler: DeliveryHandler, *, prefetch: int) -> None:
         self._check_open()
