@@ -618,7 +618,7 @@ def run_fedmq(args: argparse.Namespace, env: dict[str, str], work: Path) -> dict
         result["orphan_inboxes_before"] = orphans
         if orphans:
             log(f"fedmq: WARNING: {len(orphans)} fedmq.inbox.* queues without a consumer are still bound to the "
-                f"broadcast exchange (they expire 10 min after their worker left) and will receive copies of "
+                f"broadcast exchange (an inbox expires 60 s after its worker left; a cleanly exiting worker deletes it) and will receive copies of "
                 f"every broadcast: {', '.join(f'{n} ({m} msgs)' for n, m, _ in orphans[:5])}"
                 f"{' ...' if len(orphans) > 5 else ''}")
 
