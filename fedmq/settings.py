@@ -162,7 +162,9 @@ def settings_from_args(args: argparse.Namespace, environ: Mapping[str, str] | No
     """The settings for parsed flags, with ``FEDMQ_*`` variables for flags not given."""
     environ = os.environ if environ is None else environ
     groups = {name: _group_from(cls, args, environ) for name, cls in GROUPS.items()}
-    log_level = getattr(args, "log_level", None) or environ.get(env_name("log_level"), "INFO")
+    # The embedded mode prints its own line per version; the services log every event.
+    default_level = "WARNING" if getattr(args, "command", None) == "run" else "INFO"
+    log_level = getattr(args, "log_level", None) or environ.get(env_name("log_level"), default_level)
     settings = Settings(**groups, log_level=log_level.upper())
     validate(settings)
     return settings

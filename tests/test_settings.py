@@ -56,3 +56,10 @@ def test_the_readme_documents_every_setting():
     for cls in GROUPS.values():
         for field in cls.__dataclass_fields__:
             assert f"`{env_name(field)}`" in readme and f"`--{field.replace('_', '-')}`" in readme, field
+
+
+def test_log_level_defaults_to_warnings_for_the_embedded_mode_only():
+    assert parse(["run"]).log_level == "WARNING"
+    assert parse(["aggregator"]).log_level == "INFO"
+    assert parse(["--log-level", "debug", "run"]).log_level == "DEBUG"
+    assert parse(["run"], {"FEDMQ_LOG_LEVEL": "INFO"}).log_level == "INFO"
