@@ -140,12 +140,10 @@ class Aggregator:
         live = self.registry.live_ids()
         chosen = select_participants(live, self.cfg.client_fraction, seed=self.cfg.seed, version=version)
         named = () if self.cfg.client_fraction >= 1.0 else chosen
-        broadcast = encode(ModelBroadcast(self.run_id, version, self.training, named, self.weights))
         now = self.clock()
         self.round = OpenRound(version, named, set(chosen), now, now + self.cfg.round_timeout_s,
-                               RunningSum(self.weights), broadcast)
-        sent = self.transport.send(BROADCAST_EXCHANGE, "", broadcast, mandatory=False)
-        self.round.bytes_down += sent * len(live)
+                               RunningSum(self.weights), b"")
+        sent = self._broadcast(self.round, live)
         log.info("version %d: broadcast %.2f MB to %d live workers (%d expected)",
                  version, sent / 1e6, len(live), len(chosen))
 
@@ -155,13 +153,19 @@ class Aggregator:
                                      version=round_.version + 1000 * (round_.rebroadcasts + 1))
         round_.expected = set(chosen) | round_.folded
         round_.selected = () if self.cfg.client_fraction >= 1.0 else tuple(sorted(set(chosen) | set(round_.selected)))
-        round_.broadcast = encode(ModelBroadcast(self.run_id, round_.version, self.training, round_.selected, self.weights))
         round_.deadline = now + self.cfg.round_timeout_s
         round_.rebroadcasts += 1
-        sent = self.transport.send(BROADCAST_EXCHANGE, "", round_.broadcast, mandatory=False)
-        round_.bytes_down += sent * len(live)
+        self._broadcast(round_, live)
         log.warning("version %d: only %d updates by the deadline (need %d); re-broadcast to %d live workers",
                     round_.version, len(round_.folded), self.cfg.min_updates, len(live))
+
+    def _broadcast(self, round_: OpenRound, live: list[str]) -> int:
+        """Encode the round's model once, publish it on the fanout and count the copies sent."""
+        round_.broadcast = encode(ModelBroadcast(self.run_id, round_.version, self.training, round_.selected,
+                                                 self.weights))
+        sent = self.transport.send(BROADCAST_EXCHANGE, "", round_.broadcast, mandatory=False)
+        round_.bytes_down += sent * len(live)  # the fanout copies it into every live inbox
+        return sent
 
     def _quorum_reached(self, round_: OpenRound) -> bool:
         counted = {w for w in round_.expected if w in self.registry} | round_.folded
@@ -201,7 +205,7 @@ class Aggregator:
 
     def _finish(self) -> None:
         path = self.store.save_final(self.run_id, self.version, self.weights)
-        accuracy = self.last_accuracy if self.last_accuracy == self.last_accuracy else 0.0
+        accuracy = 0.0 if math.isnan(self.last_accuracy) else self.last_accuracy  # NaN: no version closed
         self.transport.send(BROADCAST_EXCHANGE, "", RunComplete(self.run_id, self.version, accuracy), mandatory=False)
         self.finished = True
         log.info("run %s complete at version %d: final model in %s", self.run_id, self.version, path)

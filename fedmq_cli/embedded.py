@@ -57,14 +57,18 @@ def run_embedded(settings: Settings, *, on_version: Callable[[VersionRecord], No
     threads = [threading.Thread(target=serve, args=(i,), name=f"worker-{i}", daemon=True) for i in range(workers)]
     for thread in threads:
         thread.start()
+    finished = False
     try:
         result = aggregator.run()
+        finished = True
     finally:
         aggregator_broker.close()
+        if not finished:
+            # The aggregator failed: no run-complete will come, so stop the workers now.
+            for worker in instances:
+                worker.stop()
         for thread in threads:
             thread.join(timeout=30)
-        for worker in instances:
-            worker.stop()
     if errors:
         raise RuntimeError(f"{len(errors)} embedded worker(s) failed") from errors[0]
     return result
