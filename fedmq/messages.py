@@ -15,6 +15,7 @@ worker -> updates: :class:`WeightUpdate`
 from __future__ import annotations
 
 import dataclasses
+import io
 import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, Mapping, Union
@@ -161,26 +162,33 @@ class TrainingConfig:
 
 @dataclass(frozen=True)
 class WorkerHello:
-    """A worker announces itself; ``requested_partition`` is -1 to let the aggregator choose."""
+    """A worker announces itself; ``requested_partition`` is -1 to let the aggregator choose.
+
+    ``sent_at`` is the sender's wall clock (Unix seconds) when it was sent: the aggregator times
+    liveness by it, so a hello read late from a backlog does not pass for a fresh one.
+    """
 
     KIND: ClassVar[str] = "hello"
     worker_id: str
     requested_partition: int
     device: str
+    sent_at: float
 
     def fields(self) -> dict[str, Any]:
         return _plain_fields(self)
 
     @classmethod
     def from_fields(cls, r: _Reader) -> "WorkerHello":
-        return cls(r.str("worker_id", nonempty=True), r.int("requested_partition", minimum=-1), r.str("device"))
+        return cls(r.str("worker_id", nonempty=True), r.int("requested_partition", minimum=-1), r.str("device"),
+                   r.float("sent_at"))
 
 
 @dataclass(frozen=True)
 class Heartbeat:
     """A worker is alive. ``state`` is joining, ready, training or idle; ``version`` the last
     model version it trained (-1 none). ``partition`` -1 until assigned. Also serves as a hello
-    for an aggregator that (re)started after the worker."""
+    for an aggregator that (re)started after the worker. ``sent_at``: the sender's wall clock
+    (Unix seconds) when it was sent; liveness is timed by it, not by when it is read."""
 
     KIND: ClassVar[str] = "heartbeat"
     STATES: ClassVar[tuple[str, ...]] = ("joining", "ready", "training", "idle")
@@ -190,6 +198,7 @@ class Heartbeat:
     version: int
     partition: int
     device: str
+    sent_at: float
 
     def fields(self) -> dict[str, Any]:
         return _plain_fields(self)
@@ -201,24 +210,39 @@ class Heartbeat:
             raise InvalidMessage("schema", f"heartbeat.state {state!r} not in {cls.STATES}")
         return cls(
             r.str("worker_id", nonempty=True), r.str("run_id"), state,
-            r.int("version", minimum=-1), r.int("partition", minimum=-1), r.str("device"),
+            r.int("version", minimum=-1), r.int("partition", minimum=-1), r.str("device"), r.float("sent_at"),
         )
 
 
 @dataclass(frozen=True)
 class WorkerGoodbye:
-    """A worker leaves on purpose: the quorum stops counting on it at once."""
+    """A worker stops taking part in ``run_id``: the quorum stops counting on it at once.
+
+    ``reason`` says why, and what the aggregator does about it:
+    - ``"leaving"``: it shuts down (stop, SIGTERM). A later hello or heartbeat joins it again.
+    - ``"refused"``: it will not take part in this run (for example the run's model is not one it
+      trusts); ``detail`` says why in words. The aggregator does not join it again on its
+      heartbeats; only a new hello (a restarted, reconfigured worker) does.
+    - ``"failed"``: it hit an error it cannot go on from and exits (non-zero, so that a restart
+      policy restarts it); its restart says hello again.
+    """
 
     KIND: ClassVar[str] = "goodbye"
+    REASONS: ClassVar[tuple[str, ...]] = ("leaving", "refused", "failed")
     worker_id: str
     run_id: str
+    reason: str = "leaving"
+    detail: str = ""
 
     def fields(self) -> dict[str, Any]:
         return _plain_fields(self)
 
     @classmethod
     def from_fields(cls, r: _Reader) -> "WorkerGoodbye":
-        return cls(r.str("worker_id", nonempty=True), r.str("run_id"))
+        reason = r.str("reason")
+        if reason not in cls.REASONS:
+            raise InvalidMessage("schema", f"goodbye.reason {reason!r} not in {cls.REASONS}")
+        return cls(r.str("worker_id", nonempty=True), r.str("run_id"), reason, r.str("detail")[:1000])
 
 
 @dataclass(frozen=True)
@@ -250,6 +274,12 @@ class ModelBroadcast:
 
     ``selected`` names the workers that should train this version (empty: every worker).
     ``weights`` is the full state_dict (parameters and buffers), CPU tensors.
+
+    A worker trains each version once, except when the aggregator asks again: ``attempt`` is 0
+    on a version's first broadcast; a re-broadcast (the deadline passed without enough updates)
+    carries a number not used before for that version, and ``awaited`` names the workers whose
+    update the aggregator still lacks. A worker in ``awaited`` trains the version again unless it
+    already answered this very attempt (the same broadcast can reach it twice: fanout and join).
     """
 
     KIND: ClassVar[str] = "model"
@@ -258,17 +288,25 @@ class ModelBroadcast:
     training: TrainingConfig
     selected: tuple[str, ...]
     weights: Mapping[str, torch.Tensor]
+    attempt: int = 0
+    awaited: tuple[str, ...] = ()
 
     def fields(self) -> dict[str, Any]:
         return {"run_id": self.run_id, "version": self.version, "training": self.training.to_wire(),
-                "selected": list(self.selected), "weights": encode_tensors(self.weights)}
+                "selected": list(self.selected), "weights": encode_tensors(self.weights),
+                "attempt": self.attempt, "awaited": list(self.awaited)}
 
     @classmethod
     def from_fields(cls, r: _Reader) -> "ModelBroadcast":
         weights = decode_tensors(r.raw["weights"])
         check_finite(weights)
         return cls(r.str("run_id", nonempty=True), r.int("version", minimum=0),
-                   TrainingConfig.from_wire(r.map("training")), r.strs("selected"), weights)
+                   TrainingConfig.from_wire(r.map("training")), r.strs("selected"), weights,
+                   r.int("attempt", minimum=0), r.strs("awaited"))
+
+    def asks_again(self, worker_id: str) -> bool:
+        """True if this broadcast asks ``worker_id`` to train its version again."""
+        return self.attempt > 0 and worker_id in self.awaited
 
 
 @dataclass(frozen=True)
@@ -288,11 +326,33 @@ class RunComplete:
         return cls(r.str("run_id", nonempty=True), r.int("final_version", minimum=0), r.float("test_accuracy"))
 
 
+#: The most samples one update may claim (its FedAvg weight): a billion is above any one worker's
+#: data per version, so only a broken or hostile sender hits it. The aggregation pipeline may cap
+#: a worker's weight far lower; this bound only keeps absurd values off the wire.
+MAX_NUM_SAMPLES = 1_000_000_000
+
+
+@dataclass(frozen=True)
+class UpdateHeader:
+    """The small fields of a :class:`WeightUpdate`, read without decoding its tensors."""
+
+    run_id: str
+    base_version: int
+    worker_id: str
+    partition: int
+    num_samples: int
+
+    @property
+    def key(self) -> tuple[str, int, str]:
+        return (self.run_id, self.base_version, self.worker_id)
+
+
 @dataclass(frozen=True)
 class WeightUpdate:
     """One worker's result for model ``base_version``: ``delta`` = local weights - global weights.
 
-    Identified by ``(run_id, base_version, worker_id)``. ``num_samples`` is its FedAvg weight;
+    Identified by ``(run_id, base_version, worker_id)``. ``num_samples`` is its FedAvg weight
+    (1 to :data:`MAX_NUM_SAMPLES`); ``partition`` the index it trained (-1: its own data);
     ``train_loss`` the mean training loss of its last local epoch; ``train_seconds`` wall time.
     """
 
@@ -316,15 +376,28 @@ class WeightUpdate:
         out["delta"] = encode_tensors(self.delta)
         return out
 
+    @property
+    def header(self) -> UpdateHeader:
+        return UpdateHeader(self.run_id, self.base_version, self.worker_id, self.partition, self.num_samples)
+
+    @classmethod
+    def header_from(cls, r: _Reader) -> UpdateHeader:
+        samples = r.int("num_samples", minimum=1)
+        if samples > MAX_NUM_SAMPLES:
+            raise InvalidMessage("bounds", f"update.num_samples={samples} is above {MAX_NUM_SAMPLES}")
+        return UpdateHeader(r.str("run_id", nonempty=True), r.int("base_version", minimum=0),
+                            r.str("worker_id", nonempty=True), r.int("partition", minimum=-1), samples)
+
     @classmethod
     def from_fields(cls, r: _Reader) -> "WeightUpdate":
+        head = cls.header_from(r)
+        train_loss, train_seconds, steps = r.float("train_loss"), r.float("train_seconds"), r.int("steps", minimum=0)
+        if train_seconds < 0:
+            raise InvalidMessage("bounds", f"update.train_seconds={train_seconds} is negative")
         delta = decode_tensors(r.raw["delta"])
         check_finite(delta)
-        return cls(
-            r.str("run_id", nonempty=True), r.int("base_version", minimum=0), r.str("worker_id", nonempty=True),
-            r.int("partition", minimum=-1), r.int("num_samples", minimum=1), r.float("train_loss"),
-            r.float("train_seconds"), r.int("steps", minimum=0), delta,
-        )
+        return cls(head.run_id, head.base_version, head.worker_id, head.partition, head.num_samples,
+                   train_loss, train_seconds, steps, delta)
 
 
 @dataclass(frozen=True)
@@ -365,6 +438,61 @@ def encode(message: Message) -> bytes:
     body = {"schema": SCHEMA_VERSION, "kind": message.KIND}
     body.update(message.fields())
     return msgpack.packb(body, use_bin_type=True)
+
+
+_HEADER_FIELDS = tuple(f.name for f in dataclasses.fields(UpdateHeader))
+_PEEKED = frozenset(("schema", "kind", *_HEADER_FIELDS))
+_PEEK_READ_BYTES = 64 * 1024
+
+
+def _leading_fields(data: bytes, wanted: frozenset[str]) -> dict[str, Any] | None:
+    """The ``wanted`` fields of an encoded message map, read from its start without reading
+    (or copying) what follows them. None if they are not all there before any large field."""
+    unpacker = msgpack.Unpacker(io.BytesIO(data), raw=False, strict_map_key=True, read_size=_PEEK_READ_BYTES,
+                                max_bin_len=_PEEK_READ_BYTES, max_str_len=_PEEK_READ_BYTES,
+                                max_array_len=_PEEK_READ_BYTES, max_map_len=_PEEK_READ_BYTES)
+    found: dict[str, Any] = {}
+    try:
+        for _ in range(unpacker.read_map_header()):
+            key = unpacker.unpack()
+            if not isinstance(key, str) or key in ("delta", "weights", "data"):
+                return None
+            found[key] = unpacker.unpack()
+            if wanted <= found.keys():
+                return found
+    except Exception:  # not msgpack, not a map, a huge leading field: a full decode says what
+        return None
+    return None
+
+
+def peek_update(data: bytes) -> UpdateHeader | None:
+    """The header of an encoded :class:`WeightUpdate`, read without touching its tensors.
+
+    Reads the map's leading fields only (an encoder writes them before ``delta``). Returns None
+    when ``data`` does not look like an update laid out that way: decode it whole then, which
+    also gives the exact error. Raises :class:`InvalidMessage` for a header field that is wrong.
+    """
+    found = _leading_fields(data, _PEEKED)
+    if found is None or found["schema"] != SCHEMA_VERSION or found["kind"] != WeightUpdate.KIND:
+        return None
+    return WeightUpdate.header_from(_Reader(WeightUpdate.KIND, {k: found[k] for k in _HEADER_FIELDS}, _HEADER_FIELDS))
+
+
+def decode_chunk(data: bytes) -> Chunk | None:
+    """The :class:`Chunk` in ``data``, or None if ``data`` is some other (or no) message; only
+    a chunk is decoded here, anything else is left for :func:`decode`."""
+    found = _leading_fields(data, frozenset(("kind",)))
+    if found is not None and found["kind"] != Chunk.KIND:
+        return None
+    message = decode(data) if found is not None else _decode_or_none(data)
+    return message if isinstance(message, Chunk) else None
+
+
+def _decode_or_none(data: bytes) -> Message | None:
+    try:
+        return decode(data)
+    except InvalidMessage:
+        return None
 
 
 def decode(data: bytes) -> Message:

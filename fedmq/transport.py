@@ -13,10 +13,19 @@ from dataclasses import dataclass
 from fedmq.broker.base import Broker, Delivery
 from fedmq.chunking import MAX_FRAME_BYTES, ChunkAssembler, split_frames
 from fedmq.errors import InvalidMessage
-from fedmq.messages import Chunk, Message, decode, encode
+from fedmq.messages import Chunk, Message, decode, decode_chunk, encode
 from fedmq.topology import DEAD_LETTER_EXCHANGE, REASON_HEADER, SOURCE_QUEUE_HEADER
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ReceivedBytes:
+    """A whole message's bytes (reassembled if chunked) and every delivery that carried it."""
+
+    data: bytes
+    deliveries: tuple[Delivery, ...]
+    size: int  # bytes on the wire, all chunks together
 
 
 @dataclass(frozen=True)
@@ -61,17 +70,25 @@ class Transport:
         Raises :class:`InvalidMessage`; its ``deliveries`` attribute lists every delivery to
         dead-letter (all chunks of a broken set, or just this one).
         """
+        raw = self.receive_bytes(delivery)
+        if raw is None:
+            return None
+        return Received(self.decode(raw), raw.deliveries, raw.size)
+
+    def receive_bytes(self, delivery: Delivery) -> "ReceivedBytes | None":
+        """Like :meth:`receive`, but hand over the whole message's bytes undecoded, so a caller
+        can look at a few fields (:func:`fedmq.messages.peek_update`) before decoding tensors."""
         try:
             # Senders never publish a frame above max_frame_bytes; a larger one is refused before
             # it is decoded (RabbitMQ 4.x would have refused it above 16 MiB anyway).
             if len(delivery.body) > self.max_frame_bytes:
                 raise InvalidMessage("oversize", f"frame of {len(delivery.body)} bytes > {self.max_frame_bytes}")
-            message = decode(delivery.body)
+            message = decode_chunk(delivery.body)
         except InvalidMessage as exc:
             exc.deliveries = (delivery,)  # type: ignore[attr-defined]
             raise
-        if not isinstance(message, Chunk):
-            return Received(message, (delivery,), len(delivery.body))
+        if message is None:
+            return ReceivedBytes(delivery.body, (delivery,), len(delivery.body))
         try:
             done = self._assembler.add(message, delivery)
         except InvalidMessage as exc:
@@ -80,15 +97,19 @@ class Transport:
         if done is None:
             return None
         payload, deliveries = done
-        size = sum(len(d.body) for d in deliveries)
+        return ReceivedBytes(payload, tuple(deliveries), sum(len(d.body) for d in deliveries))
+
+    @staticmethod
+    def decode(raw: "ReceivedBytes") -> Message:
+        """The message in ``raw``; InvalidMessage (with ``deliveries``) if it is not one."""
         try:
-            whole = decode(payload)
+            whole = decode(raw.data)
             if isinstance(whole, Chunk):
                 raise InvalidMessage("schema", "a chunk inside a chunked message")
         except InvalidMessage as exc:
-            exc.deliveries = tuple(deliveries)  # type: ignore[attr-defined]
+            exc.deliveries = raw.deliveries  # type: ignore[attr-defined]
             raise
-        return Received(whole, tuple(deliveries), size)
+        return whole
 
     def expire_incomplete(self, older_than_s: float) -> int:
         """Dead-letter chunk sets that stayed incomplete too long; returns how many sets."""
