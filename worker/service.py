@@ -75,7 +75,7 @@ class Worker:
         self._task: TaskSpec | None = None
         self._partition = -1
         self._latest: ModelBroadcast | None = None
-        self._trained: tuple[str, int] = ("", -1)  # (run id, version) last trained
+        self._trained: tuple[str, int, int] = ("", -1, 0)  # (run id, version, attempt) last trained
         self._data: _LocalData | None = None
         self._state = "joining"
 
@@ -89,7 +89,8 @@ class Worker:
         # unlimited prefetch cannot deadlock chunk reassembly or trip the consumer timeout.
         self.broker.subscribe(inbox_queue(self.worker_id).name, self._on_inbox, prefetch=0)
         self.transport.send(DEFAULT_EXCHANGE, CONTROL_QUEUE,
-                            WorkerHello(self.worker_id, self.cfg.partition, self.device.type), ttl_s=self._control_ttl_s)
+                            WorkerHello(self.worker_id, self.cfg.partition, self.device.type, time.time()),
+                            ttl_s=self._control_ttl_s)
         log.info("worker %s on %s: hello sent, waiting for the aggregator", self.worker_id, self.device)
         trainer = threading.Thread(target=self._training_loop, name=f"train-{self.worker_id}", daemon=True)
         trainer.start()
@@ -128,7 +129,7 @@ class Worker:
     def _send_heartbeat(self) -> None:
         with self._cond:
             beat = Heartbeat(self.worker_id, self._run_id, self._state, self._trained[1], self._partition,
-                             self.device.type)
+                             self.device.type, time.time())
         self.transport.send(DEFAULT_EXCHANGE, CONTROL_QUEUE, beat, persistent=False, ttl_s=self._control_ttl_s)
 
     def _on_inbox(self, delivery: Delivery) -> None:
@@ -215,9 +216,10 @@ class Worker:
             return None
         if self._data.key != (self._task, self._partition):
             return None
-        if self._trained == (model.run_id, model.version) or (
-                self._trained[0] == model.run_id and self._trained[1] > model.version):
-            return None
+        run_id, version, attempt = self._trained
+        if run_id == model.run_id and (version > model.version or (
+                version == model.version and (attempt == model.attempt or not model.asks_again(self.worker_id)))):
+            return None  # trained already, and not asked again (see ModelBroadcast.attempt)
         if model.selected and self.worker_id not in model.selected:
             return None
         return model
@@ -288,7 +290,7 @@ class Worker:
                 log.info("worker %s: training of version %d abandoned after %d steps: a newer model arrived",
                          self.worker_id, model.version, result.steps)
                 return
-            self._trained = (model.run_id, model.version)
+            self._trained = (model.run_id, model.version, model.attempt)
         update = WeightUpdate(model.run_id, model.version, self.worker_id, data.key[1], result.num_samples,
                               result.train_loss, result.seconds, result.steps, result.delta)
         body = encode(update)  # encoded here, off the connection thread
