@@ -161,7 +161,9 @@ class MemoryBroker(Broker):
         with self.hub.condition:
             if queue not in self.hub._queues:
                 raise BrokerConfigError(f"404 NOT_FOUND: no queue {queue!r}")
-            self.hub._queues[queue].consumers.append(self)
+            consumers = self.hub._queues[queue].consumers
+            if self not in consumers:  # subscribing again changes the handler and prefetch only
+                consumers.append(self)
         self._handlers[queue] = (handler, prefetch)
 
     def ack(self, delivery: Delivery) -> None:
