@@ -7,7 +7,8 @@ be folded is decoded, then checked against the model (:func:`check_update`).
 
 What each outcome does with the deliveries:
 - fold: fold into the round; hold the deliveries (bodies dropped) until the next checkpoint;
-- duplicate: fold nothing; hold the deliveries too (the copy folded earlier may be gone);
+- duplicate: fold nothing; hold this newest copy instead of the older one, acknowledging the
+  older (its tags may be void after a reconnection; this copy keeps the update in the broker);
 - stale or unselected: acknowledge at once, count it;
 - invalid: dead-letter with the reason, count it.
 """
@@ -108,8 +109,7 @@ class UpdateIntake:
             self._dead_letter(raw, round_, verdict.reason, verdict.detail)
             return
         if verdict.action in (Action.STALE, Action.UNSELECTED):
-            for d in raw.deliveries:
-                self.broker.ack(d)
+            self._ack(raw.deliveries)
             if round_ is not None:
                 round_.stale += 1
                 round_.bytes_up += raw.size
@@ -119,7 +119,7 @@ class UpdateIntake:
         assert round_ is not None
         round_.bytes_up += raw.size
         if verdict.action is Action.DUPLICATE:
-            round_.hold(header.worker_id, raw.deliveries)
+            self._ack(round_.hold(header.worker_id, raw.deliveries))
             round_.duplicates += 1
             log.info("version %d: duplicate update from %s ignored", round_.version, header.worker_id)
             return
@@ -137,12 +137,16 @@ class UpdateIntake:
     def _fold(self, round_: OpenRound, update: WeightUpdate, raw: ReceivedBytes) -> None:
         round_.running.fold(update.delta, update.num_samples)
         round_.folded.add(update.worker_id)
-        round_.hold(update.worker_id, raw.deliveries)
+        self._ack(round_.hold(update.worker_id, raw.deliveries))
         round_.weighted_train_loss += update.train_loss * update.num_samples
         log.info("version %d: update %d/%d from %s (%d samples, train loss %.4f, %.1f s)%s",
                  round_.version, len(round_.folded), len(round_.expected), update.worker_id,
                  update.num_samples, update.train_loss, update.train_seconds,
                  "" if round_.is_open else " (redelivered; the version is not broadcast yet)")
+
+    def _ack(self, deliveries) -> None:
+        for d in deliveries:
+            self.broker.ack(d)
 
     def _dead_letter(self, raw: ReceivedBytes, round_: OpenRound | None, reason: str, detail: str) -> None:
         self.transport.dead_letter(raw.deliveries, reason, detail)

@@ -17,8 +17,8 @@ class OpenRound:
     The round exists from the moment the aggregator holds ``version``, before its broadcast
     (``broadcast`` is None until then): updates redelivered after a restart are folded at once
     instead of being turned away. ``expected`` are the workers the quorum counts on (selected and
-    live at broadcast time); ``held`` the deliveries (without their bodies) of every folded
-    update and its duplicates, acknowledged only once the next checkpoint is written.
+    live at broadcast time); ``held`` the deliveries (without their bodies) of the newest copy of
+    every folded update, acknowledged only once the next checkpoint is written.
     """
 
     version: int
@@ -30,7 +30,7 @@ class OpenRound:
     broadcast: bytes | None = None  # the encoded ModelBroadcast, re-sent to joiners
     attempt: int = 0  # of the current broadcast (see ModelBroadcast)
     folded: set[str] = field(default_factory=set)
-    held: dict[str, list[tuple[Delivery, ...]]] = field(default_factory=dict)
+    held: dict[str, tuple[Delivery, ...]] = field(default_factory=dict)  # worker -> its update's newest copy
     weighted_train_loss: float = 0.0
     bytes_up: int = 0
     bytes_down: int = 0
@@ -44,25 +44,17 @@ class OpenRound:
         """True once the version has been broadcast by this aggregator."""
         return self.broadcast is not None
 
-    def hold(self, worker_id: str, deliveries: tuple[Delivery, ...]) -> None:
-        """Keep what acknowledging these deliveries needs (not their bodies) until the checkpoint.
-
-        A delivery the broker marks redelivered replaces the ones held for the same worker: it
-        came back because the connection that carried them closed, so their tags are void.
-        """
-        slim = tuple(dataclasses.replace(d, body=b"") for d in deliveries)
-        if any(d.redelivered for d in deliveries):
-            self.held[worker_id] = [slim]
-        else:
-            self.held.setdefault(worker_id, []).append(slim)
+    def hold(self, worker_id: str, deliveries: tuple[Delivery, ...]) -> tuple[Delivery, ...]:
+        """Keep what acknowledging these deliveries needs (not their bodies) until the checkpoint;
+        returns the deliveries of an older copy of the same update, which the caller acknowledges
+        now: one unacknowledged copy in the broker is enough to lose nothing, and after a
+        reconnection the older tags are void anyway (acking them does nothing)."""
+        older = self.held.get(worker_id, ())
+        self.held[worker_id] = tuple(dataclasses.replace(d, body=b"") for d in deliveries)
+        return older
 
     def held_deliveries(self) -> list[Delivery]:
-        return [d for copies in self.held.values() for copy in copies for d in copy]
-
-    @property
-    def held_count(self) -> int:
-        return sum(len(copy) for copies in self.held.values() for copy in copies)
-
+        return [d for copy in self.held.values() for d in copy]
 
 @dataclass(frozen=True)
 class VersionRecord:

@@ -146,15 +146,15 @@ class Aggregator:
                          round_.version, len(round_.folded), len(round_.expected))
             self._close_round(round_)
         elif decision is Decision.REBROADCAST:
-            self._rebroadcast(round_, now)
+            self._rebroadcast(round_, now, f"only {len(round_.folded)} updates by the deadline "
+                                           f"(need {self.cfg.min_updates})")
 
     def _fit_update_prefetch(self) -> None:
         """Folded updates stay unacknowledged until the next checkpoint, so the update prefetch
         must hold every live worker's update (all its frames) and room for more, or the broker
         stops delivering before the quorum is in. It grows with the live workers, never shrinks."""
         round_ = self.round
-        workers = max(len(self.registry.live_ids()), self.cfg.start_workers,
-                      len(round_.held) + round_.duplicates if round_ else 0)
+        workers = max(len(self.registry.live_ids()), self.cfg.start_workers, len(round_.held) if round_ else 0)
         wanted = self._frames_per_update * (2 * workers + 4)
         if wanted > self.update_prefetch:
             self.update_prefetch = max(wanted, 2 * self.update_prefetch)
@@ -175,7 +175,7 @@ class Aggregator:
         log.info("version %d: broadcast %.2f MB to %d live workers (%d expected, %d updates already in)",
                  round_.version, sent / 1e6, len(live), len(chosen), len(round_.folded))
 
-    def _rebroadcast(self, round_: OpenRound, now: float) -> None:
+    def _rebroadcast(self, round_: OpenRound, now: float, why: str) -> None:
         live = self.registry.live_ids()
         chosen = select_participants(live, self.cfg.client_fraction, seed=self.cfg.seed,
                                      version=round_.version + 1000 * (round_.rebroadcasts + 1))
@@ -188,9 +188,8 @@ class Aggregator:
         # A number never used for this version before, also across restarts of the aggregator.
         attempt = max(round_.attempt + 1, time.time_ns() // 1_000_000)
         self._broadcast(round_, live, attempt=attempt, awaited=awaited)
-        log.warning("version %d: only %d updates by the deadline (need %d); re-broadcast asking %d of %d live "
-                    "workers to train it again", round_.version, len(round_.folded), self.cfg.min_updates,
-                    len(awaited), len(live))
+        log.warning("version %d: %s; re-broadcast asking %d of %d live workers to train it again",
+                    round_.version, why, len(awaited), len(live))
 
     def _broadcast(self, round_: OpenRound, live: list[str], *, attempt: int, awaited: tuple[str, ...]) -> int:
         """Encode the round's model once, publish it on the fanout and count the copies sent."""
@@ -257,7 +256,7 @@ class Aggregator:
         fresh.rebroadcasts = round_.rebroadcasts
         fresh.started, fresh.attempt, fresh.selected = round_.started, round_.attempt, round_.selected
         self.round = fresh
-        self._rebroadcast(fresh, self.clock())
+        self._rebroadcast(fresh, self.clock(), "its aggregate was refused")
 
     def _finish(self) -> None:
         path = self.store.save_final(self.run_id, self.version, self.weights)

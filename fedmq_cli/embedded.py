@@ -21,7 +21,7 @@ from worker.service import Worker
 log = logging.getLogger(__name__)
 
 
-def embedded_settings(settings: Settings) -> Settings:
+def as_embedded(settings: Settings) -> Settings:
     """The settings as the embedded mode runs them (see the comments)."""
     workers = settings.embedded.workers
     run = settings.run
@@ -89,7 +89,7 @@ def run_embedded(settings: Settings, *, on_version: Callable[[VersionRecord], No
     ``hub`` lets a caller (tests) share the in-memory broker to watch or inject messages;
     ``clock`` is the aggregator's (tests move it to pass deadlines).
     """
-    settings = embedded_settings(settings)
+    settings = as_embedded(settings)
     hub = hub or MemoryHub()
     aggregator_broker = hub.connect()
     aggregator = Aggregator(settings, aggregator_broker, on_version=on_version, clock=clock)

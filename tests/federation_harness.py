@@ -92,14 +92,17 @@ class ScriptedWorker:
     """Joins, heartbeats every ``interval_s`` and sends an update only when told to."""
 
     def __init__(self, hub: MemoryHub, worker_id: str = "scripted", *, join: bool = True,
-                 interval_s: float = 0.3,
+                 interval_s: float = 0.3, max_frame_bytes: int = 256 * 1024, state: str = "ready",
+                 beat_before_join: bool = True,
                  on_broadcast: Callable[["ScriptedWorker", m.ModelBroadcast], None] | None = None) -> None:
         self.worker_id, self.join, self.interval_s, self.on_broadcast = worker_id, join, interval_s, on_broadcast
+        self.state, self.beat_before_join = state, beat_before_join
         self.broker = hub.connect()
         self.broker.declare(STATIC_TOPOLOGY)
         self.broker.declare(inbox_topology(worker_id))
-        self.transport = Transport(self.broker, max_frame_bytes=256 * 1024)
-        self.run_id = ""
+        self.transport = Transport(self.broker, max_frame_bytes=max_frame_bytes)
+        self.run_id = ""  # heartbeats carry it: "" until joined
+        self.heartbeats_sent = 0
         self.joins: list[m.JoinAccepted] = []
         self.broadcasts: list[m.ModelBroadcast] = []
         self.invalid: list[InvalidMessage] = []
@@ -141,9 +144,10 @@ class ScriptedWorker:
             self.transport.send("", CONTROL_QUEUE, m.WorkerHello(self.worker_id, -1, "cpu", time.time()))
         next_beat = 0.0
         while not self.stopping.is_set():
-            if self.join and time.monotonic() >= next_beat:
+            if self.join and time.monotonic() >= next_beat and (self.joins or self.beat_before_join):
                 self.transport.send("", CONTROL_QUEUE, m.Heartbeat(
-                    self.worker_id, self.run_id, "ready", -1, -1, "cpu", time.time()))
+                    self.worker_id, self.run_id, self.state, -1, -1, "cpu", time.time()))
+                self.heartbeats_sent += 1
                 next_beat = time.monotonic() + self.interval_s
             self.broker.run_for(0.05)
 
