@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import math
 from dataclasses import dataclass
 from typing import AbstractSet, Mapping
 
@@ -28,6 +29,7 @@ from aggregator.rounds import OpenRound
 from fedmq.broker.base import Broker
 from fedmq.errors import InvalidMessage
 from fedmq.messages import UpdateHeader, WeightUpdate, peek_update
+from fedmq.tensor_codec import payload_bytes
 from fedmq.transport import ReceivedBytes, Transport
 
 log = logging.getLogger(__name__)
@@ -81,14 +83,35 @@ def check_update(update: WeightUpdate, template: Mapping[str, torch.Tensor]) -> 
         raise InvalidMessage(exc.reason, f"from {update.worker_id}: {exc.detail}") from None
 
 
-class UpdateIntake:
-    """Takes each whole update (:class:`ReceivedBytes`) and acts on its verdict."""
+def encoded_size_bound(weights: Mapping[str, torch.Tensor]) -> int:
+    """An upper bound, in bytes, of one encoded update or model of these tensors (their data plus
+    msgpack's framing of each tensor and of the message)."""
+    return payload_bytes(weights) + sum(len(name) + 128 for name in weights) + 4096
 
-    def __init__(self, broker: Broker, transport: Transport, run_id: str, num_partitions: int) -> None:
+
+class UpdateIntake:
+    """Takes each whole update (:class:`ReceivedBytes`) and acts on its verdict.
+
+    ``update_bytes`` bounds one encoded update, ``max_frame_bytes`` one AMQP message: together
+    they say how many deliveries (chunks) one update takes.
+    """
+
+    def __init__(self, broker: Broker, transport: Transport, run_id: str, num_partitions: int, *,
+                 update_bytes: int, max_frame_bytes: int) -> None:
         self.broker = broker
         self.transport = transport
         self.run_id = run_id
         self.num_partitions = num_partitions
+        self.update_bytes = update_bytes
+        self.frames_per_update = 1 if update_bytes <= max_frame_bytes else math.ceil(
+            update_bytes / (max_frame_bytes - 1024))  # chunks leave room for their envelope
+
+    def prefetch_for(self, workers: int) -> int:
+        """The update prefetch (deliveries) for ``workers`` workers. Folded updates stay
+        unacknowledged until the next checkpoint, so the prefetch must hold one update of every
+        worker, all its frames, and room for as many again arriving (duplicates, the next
+        version's early ones), or the broker stops delivering before the quorum is in."""
+        return self.frames_per_update * (2 * workers + 4)
 
     def take(self, raw: ReceivedBytes, round_: OpenRound | None, *, version: int,
              checkpointed: AbstractSet[UpdateKey], template: Mapping[str, torch.Tensor]) -> None:

@@ -50,7 +50,7 @@ class Membership:
         now = self.clock()
         if isinstance(message, WorkerHello):
             self.refused.pop(message.worker_id, None)
-            self.join(message.worker_id, message.requested_partition, message.device, now)
+            self.join(message.worker_id, message.requested_partition, message.device, now, pinned=True)
             self._heard(message.worker_id, message.sent_at, now)
         elif isinstance(message, Heartbeat):
             self._on_heartbeat(message, now)
@@ -70,7 +70,7 @@ class Membership:
             return
         if beat.worker_id not in self.registry or not ours:
             # An aggregator that (re)started after the worker learns of it from its heartbeat.
-            self.join(beat.worker_id, beat.partition if ours else -1, beat.device, now)
+            self.join(beat.worker_id, beat.partition if ours else -1, beat.device, now, pinned=False)
         self._heard(beat.worker_id, beat.sent_at, now)
         self.registry.update_state(beat.worker_id, state=beat.state if ours else None, version=beat.version)
         record = self.registry.get(beat.worker_id)
@@ -94,9 +94,9 @@ class Membership:
             log.info("worker %s left (%s%s) (%d live)", goodbye.worker_id, goodbye.reason,
                      f": {goodbye.detail}" if goodbye.detail else "", len(self.registry.live_ids()))
 
-    def join(self, worker_id: str, requested: int, device: str, now: float) -> None:
+    def join(self, worker_id: str, requested: int, device: str, now: float, *, pinned: bool) -> None:
         """Register ``worker_id`` and send it its assignment (and, via ``on_joined``, the model)."""
-        record = self.registry.join(worker_id, requested, now, device=device)
+        record = self.registry.join(worker_id, requested, now, device=device, pinned=pinned)
         try:
             self.assign(worker_id, record.partition)
             self.on_joined(worker_id)

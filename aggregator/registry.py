@@ -73,15 +73,19 @@ class WorkerRegistry:
     def ready_ids(self) -> list[str]:
         return sorted(w for w, r in self._live.items() if r.state != "joining")
 
-    def join(self, worker_id: str, requested: int, now: float, *, device: str = "") -> WorkerRecord:
-        """Register (or refresh) a worker and fix its partition."""
+    def join(self, worker_id: str, requested: int, now: float, *, device: str = "",
+             pinned: bool = True) -> WorkerRecord:
+        """Register a worker (first contact: it counts as seen ``now``) and fix its partition.
+
+        ``requested`` (-1: none) is honoured; ``pinned`` says it was the worker's own choice
+        (``--partition``), never moved, rather than the index it reports having been given.
+        """
         record = self._live.get(worker_id)
         if record is None:
             partition = self.partitions.assign(worker_id, requested, self._holders())
             record = WorkerRecord(worker_id, partition, now, now, device=device,
-                                  pinned=0 <= requested < self.num_partitions)
+                                  pinned=pinned and 0 <= requested < self.num_partitions)
             self._live[worker_id] = record
-        record.last_seen = max(record.last_seen, now)
         if device:
             record.device = device
         return record

@@ -27,7 +27,7 @@ from aggregator.checkpoint import CheckpointStore
 from aggregator.close_policy import Decision, SyncClosePolicy
 from aggregator.evaluation import evaluate
 from aggregator.fedavg import RunningSum, check_compatible, fedavg_step, non_finite_tensors
-from aggregator.intake import UpdateIntake
+from aggregator.intake import UpdateIntake, encoded_size_bound
 from aggregator.membership import Membership
 from aggregator.registry import WorkerRegistry
 from aggregator.rounds import OpenRound, VersionRecord
@@ -38,7 +38,6 @@ from fedmq.errors import InvalidMessage
 from fedmq.messages import ModelBroadcast, RunComplete, TaskSpec, TrainingConfig, encode
 from fedmq.settings import DEFAULT_RUN_ID, Settings
 from fedmq.task import build_model, load_split
-from fedmq.tensor_codec import payload_bytes
 from fedmq.topology import BROADCAST_EXCHANGE, CONTROL_QUEUE, DEFAULT_EXCHANGE, STATIC_TOPOLOGY, UPDATES_QUEUE, inbox_queue
 from fedmq.transport import ReceivedBytes, Transport
 
@@ -84,27 +83,32 @@ class Aggregator:
         self.version = 0
         self.resumed = False
         self.checkpointed: frozenset = frozenset()  # keys of the updates in the last checkpoint
-        checkpoint = self.store.load(self.run_id)
-        if checkpoint is not None:
-            check_compatible(self.weights, checkpoint.weights)
-            self.weights, self.version = checkpoint.weights, checkpoint.version
-            self.checkpointed = checkpoint.folded
-            # The workers live at the checkpoint count as alive until they stay silent for the
-            # timeout: the resumed version waits for them instead of closing on the first update.
-            self.registry.restore(checkpoint.partition_table, checkpoint.live_workers, clock())
-            self.resumed = True
-            log.info("run %s: resuming from the checkpoint of version %d (%d workers were live)",
-                     self.run_id, self.version, len(checkpoint.live_workers))
+        self._resume()
         self.membership = Membership(self.registry, self.transport, self.run_id, self.task, clock, self._on_joined)
-        self.intake = UpdateIntake(broker, self.transport, self.run_id, self.task.num_partitions)
+        self.intake = UpdateIntake(broker, self.transport, self.run_id, self.task.num_partitions,
+                                   update_bytes=encoded_size_bound(self.weights),
+                                   max_frame_bytes=settings.broker.max_frame_bytes)
         self.round: OpenRound | None = self._new_round(self.version)
         self.records: list[VersionRecord] = []
         self.finished = False
         self.last_accuracy = float("nan")
         self.refused_steps = 0
         self._handled = 0  # deliveries handled, to tell an idle broker slice from a busy one
-        self._frames_per_update = max(1, math.ceil(payload_bytes(self.weights) / settings.broker.max_frame_bytes))
         self.update_prefetch = 0
+
+    def _resume(self) -> None:
+        checkpoint = self.store.load(self.run_id)
+        if checkpoint is None:
+            return
+        check_compatible(self.weights, checkpoint.weights)
+        self.weights, self.version = checkpoint.weights, checkpoint.version
+        self.checkpointed = checkpoint.folded
+        # The workers live at the checkpoint count as alive until they stay silent for the
+        # timeout: the resumed version waits for them instead of closing on the first update.
+        self.registry.restore(checkpoint.partition_table, checkpoint.live_workers, self.clock())
+        self.resumed = True
+        log.info("run %s: resuming from the checkpoint of version %d (%d workers were live)",
+                 self.run_id, self.version, len(checkpoint.live_workers))
 
     # -- the loop -------------------------------------------------------------------------------
     def run(self) -> RunResult:
@@ -150,15 +154,16 @@ class Aggregator:
                                            f"(need {self.cfg.min_updates})")
 
     def _fit_update_prefetch(self) -> None:
-        """Folded updates stay unacknowledged until the next checkpoint, so the update prefetch
-        must hold every live worker's update (all its frames) and room for more, or the broker
-        stops delivering before the quorum is in. It grows with the live workers, never shrinks."""
+        """Subscribe (again) to the updates with a prefetch for the live workers; it grows with
+        them (doubling), never shrinks (see :meth:`UpdateIntake.prefetch_for`)."""
         round_ = self.round
         workers = max(len(self.registry.live_ids()), self.cfg.start_workers, len(round_.held) if round_ else 0)
-        wanted = self._frames_per_update * (2 * workers + 4)
+        wanted = self.intake.prefetch_for(workers)
         if wanted > self.update_prefetch:
             self.update_prefetch = max(wanted, 2 * self.update_prefetch)
             self.broker.subscribe(UPDATES_QUEUE, self._on_update, prefetch=self.update_prefetch)
+            log.info("update prefetch %d deliveries (%d workers, %d frames per update)",
+                     self.update_prefetch, workers, self.intake.frames_per_update)
 
     # -- rounds ---------------------------------------------------------------------------------
     def _new_round(self, version: int) -> OpenRound:

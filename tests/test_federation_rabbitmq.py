@@ -189,3 +189,30 @@ def queue_depth(url: str, queue: str) -> int:
         return connection.channel().queue_declare(queue, passive=True).method.message_count
     finally:
         connection.close()
+
+
+def test_raising_the_update_prefetch_keeps_the_deliveries_held_so_far(rabbitmq_url):
+    # The aggregator subscribes again with a larger prefetch as workers join, while it holds
+    # folded updates unacknowledged: they must stay ackable and must not come back.
+    from fedmq.broker.rabbitmq import RabbitBroker
+    from fedmq.topology import STATIC_TOPOLOGY
+
+    purge_fedmq_queues(rabbitmq_url)
+    held = []
+    with RabbitBroker(rabbitmq_url, connection_name="fedmq-test-prefetch") as broker:
+        broker.declare(STATIC_TOPOLOGY)
+        for i in range(6):
+            broker.publish("", "fedmq.updates", bytes([i]))
+        broker.subscribe("fedmq.updates", held.append, prefetch=2)
+        while len(held) < 2:
+            broker.run_for(0.2)
+        broker.run_for(0.5)
+        assert len(held) == 2  # the prefetch stops the broker
+        broker.subscribe("fedmq.updates", held.append, prefetch=10)
+        while len(held) < 6:
+            broker.run_for(0.2)
+        for delivery in held:
+            broker.ack(delivery)
+        broker.run_for(0.2)
+    assert sorted(d.body[0] for d in held) == list(range(6)) and not any(d.redelivered for d in held)
+    assert queue_depth(rabbitmq_url, "fedmq.updates") == 0

@@ -38,7 +38,8 @@ def intake(monkeypatch):
     decoded = []
     real = m.decode_tensors
     monkeypatch.setattr(m, "decode_tensors", lambda entries: decoded.append(1) or real(entries))
-    intake = UpdateIntake(broker, Transport(broker), "run", num_partitions=4)
+    intake = UpdateIntake(broker, Transport(broker), "run", num_partitions=4, update_bytes=10_000,
+                          max_frame_bytes=1 << 20)
     intake.hub, intake.decoded = hub, decoded
     return intake
 
