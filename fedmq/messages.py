@@ -24,6 +24,8 @@ import msgpack
 import torch
 
 from fedmq.errors import InvalidMessage
+from fedmq.task.datasets import DATASETS
+from fedmq.task.partitions import SCHEMES
 from fedmq.tensor_codec import check_finite, decode_tensors, encode_tensors
 
 SCHEMA_VERSION = 1
@@ -48,6 +50,29 @@ class _Reader:
         value = self.raw[name]
         if not isinstance(value, str) or (nonempty and not value):
             raise self._bad(name, "a non-empty string" if nonempty else "a string")
+        return value
+
+    def ident(self, name: str, *, nonempty: bool = True) -> str:
+        """A worker, run or message id: see :func:`check_identifier`."""
+        value = self.str(name, nonempty=nonempty)
+        check_identifier(f"{self.kind}.{name}", value, allow_empty=not nonempty)
+        return value
+
+    def choice(self, name: str, allowed: tuple[str, ...]) -> str:
+        value = self.str(name, nonempty=True)
+        if value not in allowed:
+            raise InvalidMessage("schema", f"{self.kind}.{name}={value[:40]!r}: choose from {', '.join(allowed)}")
+        return value
+
+    def bounded(self, name: str, *, low: float, high: float = math.inf, low_open: bool = False,
+                high_open: bool = False) -> float:
+        """A finite number within [low, high] (an open end excludes its bound)."""
+        value = self.float(name)
+        too_low = value <= low if low_open else value < low
+        too_high = value >= high if high_open else value > high
+        if too_low or too_high:
+            interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+            raise InvalidMessage("schema", f"{self.kind}.{name}={value} is outside {interval}")
         return value
 
     def int(self, name: str, *, minimum: int | None = None) -> int:
@@ -78,6 +103,13 @@ class _Reader:
             raise self._bad(name, "a list of strings")
         return tuple(value)
 
+    def idents(self, name: str) -> tuple[str, ...]:
+        """A list of worker ids, each checked by :func:`check_identifier`."""
+        values = self.strs(name)
+        for value in values:
+            check_identifier(f"{self.kind}.{name}[]", value)
+        return values
+
     def map(self, name: str) -> Mapping[str, Any]:
         value = self.raw[name]
         if not isinstance(value, dict):
@@ -89,6 +121,21 @@ class _Reader:
         if not isinstance(value, bytes):
             raise self._bad(name, "bytes")
         return value
+
+
+#: The longest worker, run or message id: an inbox queue name (``fedmq.inbox.<worker id>``) and
+#: every routing key built from an id stay far inside AMQP's 255-byte short strings.
+MAX_IDENTIFIER_CHARS = 128
+
+#: Local optimizers a worker can build (worker.trainer); the wire contract names them.
+OPTIMIZERS = ("sgd", "adam")
+
+
+def check_identifier(what: str, value: str, *, allow_empty: bool = False) -> None:
+    """InvalidMessage unless ``value`` is 1-128 letters, digits, ``-``, ``_`` or ``.``."""
+    if (not value and not allow_empty) or len(value) > MAX_IDENTIFIER_CHARS or not all(
+            (c.isascii() and c.isalnum()) or c in "-_." for c in value):
+        raise InvalidMessage("schema", f"{what}={value[:40]!r}: want 1-{MAX_IDENTIFIER_CHARS} letters, digits, - _ .")
 
 
 def _plain_fields(obj: Any) -> dict[str, Any]:
@@ -114,11 +161,11 @@ class TaskSpec:
     def from_wire(cls, raw: Mapping[str, Any]) -> "TaskSpec":
         r = _Reader("task", raw, tuple(f.name for f in dataclasses.fields(cls)))
         return cls(
-            dataset=r.str("dataset", nonempty=True),
+            dataset=r.choice("dataset", tuple(DATASETS)),
             model=r.str("model", nonempty=True),
-            partition_scheme=r.str("partition_scheme", nonempty=True),
+            partition_scheme=r.choice("partition_scheme", SCHEMES),
             num_partitions=r.int("num_partitions", minimum=1),
-            dirichlet_alpha=r.float("dirichlet_alpha"),
+            dirichlet_alpha=r.bounded("dirichlet_alpha", low=0.0, low_open=True),
             shards_per_partition=r.int("shards_per_partition", minimum=1),
             seed=r.int("seed"),
         )
@@ -150,10 +197,10 @@ class TrainingConfig:
             local_epochs=r.int("local_epochs", minimum=0),
             local_steps=r.int("local_steps", minimum=0),
             batch_size=r.int("batch_size", minimum=0),
-            learning_rate=r.float("learning_rate"),
-            optimizer=r.str("optimizer", nonempty=True),
-            momentum=r.float("momentum"),
-            weight_decay=r.float("weight_decay"),
+            learning_rate=r.bounded("learning_rate", low=0.0, low_open=True),
+            optimizer=r.choice("optimizer", OPTIMIZERS),
+            momentum=r.bounded("momentum", low=0.0, high=1.0, high_open=True),
+            weight_decay=r.bounded("weight_decay", low=0.0),
         )
         if config.local_epochs == 0 and config.local_steps == 0:
             raise InvalidMessage("schema", "training: local_epochs and local_steps are both 0")
@@ -179,7 +226,7 @@ class WorkerHello:
 
     @classmethod
     def from_fields(cls, r: _Reader) -> "WorkerHello":
-        return cls(r.str("worker_id", nonempty=True), r.int("requested_partition", minimum=-1), r.str("device"),
+        return cls(r.ident("worker_id"), r.int("requested_partition", minimum=-1), r.str("device"),
                    r.float("sent_at"))
 
 
@@ -209,7 +256,7 @@ class Heartbeat:
         if state not in cls.STATES:
             raise InvalidMessage("schema", f"heartbeat.state {state!r} not in {cls.STATES}")
         return cls(
-            r.str("worker_id", nonempty=True), r.str("run_id"), state,
+            r.ident("worker_id"), r.ident("run_id", nonempty=False), state,
             r.int("version", minimum=-1), r.int("partition", minimum=-1), r.str("device"), r.float("sent_at"),
         )
 
@@ -242,7 +289,7 @@ class WorkerGoodbye:
         reason = r.str("reason")
         if reason not in cls.REASONS:
             raise InvalidMessage("schema", f"goodbye.reason {reason!r} not in {cls.REASONS}")
-        return cls(r.str("worker_id", nonempty=True), r.str("run_id"), reason, r.str("detail")[:1000])
+        return cls(r.ident("worker_id"), r.ident("run_id", nonempty=False), reason, r.str("detail")[:1000])
 
 
 @dataclass(frozen=True)
@@ -265,7 +312,7 @@ class JoinAccepted:
         index = r.int("partition_index", minimum=0)
         if index >= task.num_partitions:
             raise InvalidMessage("schema", f"partition {index} >= num_partitions {task.num_partitions}")
-        return cls(r.str("run_id", nonempty=True), r.str("worker_id", nonempty=True), index, task)
+        return cls(r.ident("run_id"), r.ident("worker_id"), index, task)
 
 
 @dataclass(frozen=True)
@@ -300,9 +347,9 @@ class ModelBroadcast:
     def from_fields(cls, r: _Reader) -> "ModelBroadcast":
         weights = decode_tensors(r.raw["weights"])
         check_finite(weights)
-        return cls(r.str("run_id", nonempty=True), r.int("version", minimum=0),
-                   TrainingConfig.from_wire(r.map("training")), r.strs("selected"), weights,
-                   r.int("attempt", minimum=0), r.strs("awaited"))
+        return cls(r.ident("run_id"), r.int("version", minimum=0),
+                   TrainingConfig.from_wire(r.map("training")), r.idents("selected"), weights,
+                   r.int("attempt", minimum=0), r.idents("awaited"))
 
     def asks_again(self, worker_id: str) -> bool:
         """True if this broadcast asks ``worker_id`` to train its version again."""
@@ -323,7 +370,7 @@ class RunComplete:
 
     @classmethod
     def from_fields(cls, r: _Reader) -> "RunComplete":
-        return cls(r.str("run_id", nonempty=True), r.int("final_version", minimum=0), r.float("test_accuracy"))
+        return cls(r.ident("run_id"), r.int("final_version", minimum=0), r.float("test_accuracy"))
 
 
 #: The most samples one update may claim (its FedAvg weight): a billion is above any one worker's
@@ -385,8 +432,8 @@ class WeightUpdate:
         samples = r.int("num_samples", minimum=1)
         if samples > MAX_NUM_SAMPLES:
             raise InvalidMessage("bounds", f"update.num_samples={samples} is above {MAX_NUM_SAMPLES}")
-        return UpdateHeader(r.str("run_id", nonempty=True), r.int("base_version", minimum=0),
-                            r.str("worker_id", nonempty=True), r.int("partition", minimum=-1), samples)
+        return UpdateHeader(r.ident("run_id"), r.int("base_version", minimum=0),
+                            r.ident("worker_id"), r.int("partition", minimum=-1), samples)
 
     @classmethod
     def from_fields(cls, r: _Reader) -> "WeightUpdate":
@@ -420,7 +467,7 @@ class Chunk:
 
     @classmethod
     def from_fields(cls, r: _Reader) -> "Chunk":
-        chunk = cls(r.str("message_id", nonempty=True), r.int("index", minimum=0), r.int("count", minimum=1),
+        chunk = cls(r.ident("message_id"), r.int("index", minimum=0), r.int("count", minimum=1),
                     r.int("total_bytes", minimum=0), r.bytes("sha256"), r.bytes("data"))
         if chunk.index >= chunk.count:
             raise InvalidMessage("schema", f"chunk index {chunk.index} >= count {chunk.count}")

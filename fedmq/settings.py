@@ -222,5 +222,8 @@ def validate(s: Settings) -> None:
              f"must be below the worker timeout ({r.worker_timeout_s} s)")
     _require(s.embedded.workers >= 1, "workers", "must be >= 1")
     _require(w.training_slots >= 0, "training_slots", "must be >= 0")
-    _require(all(c.isalnum() or c in "-_." for c in w.worker_id), "worker_id", "letters, digits, - _ . only")
-    _require(all(c.isalnum() or c in "-_." for c in r.run_id), "run_id", "letters, digits, - _ . only")
+    for name, value in (("worker_id", w.worker_id), ("run_id", r.run_id)):
+        # The same rule the wire enforces (fedmq.messages.check_identifier): at most 128 ASCII
+        # letters, digits, - _ . so every queue name and routing key built from it fits AMQP.
+        _require(len(value) <= 128 and all((c.isascii() and c.isalnum()) or c in "-_." for c in value),
+                 name, "at most 128 letters, digits, - _ .")

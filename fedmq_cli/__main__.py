@@ -85,6 +85,9 @@ def _serve_worker(settings: Settings) -> int:
             worker.run()
         except KeyboardInterrupt:
             worker.stop()
+    if worker.failure:
+        print(f"fedmq worker {worker.worker_id}: {worker.failure}", file=sys.stderr, flush=True)
+        return 1
     return 0
 
 
