@@ -63,6 +63,8 @@ class RabbitBroker(ConsumingSide, Broker):
         ttl_s: float | None = None,
     ) -> None:
         self._check_open()
+        check_name("an exchange name", exchange)
+        check_name("a routing key", routing_key)
         data = bytes(body)
         if len(data) > self.max_message_bytes:
             raise MessageTooLarge(
@@ -123,6 +125,7 @@ class RabbitBroker(ConsumingSide, Broker):
 
     def delete_queue(self, name: str) -> None:
         self._check_open()
+        check_name("a queue name", name)
         self._admin_op(lambda ch: ch.queue_delete(name))
         self._topology = [spec for spec in self._topology
                           if not (isinstance(spec, QueueSpec) and spec.name == name)
@@ -131,6 +134,7 @@ class RabbitBroker(ConsumingSide, Broker):
 
     def subscribe(self, queue: str, handler: DeliveryHandler, *, prefetch: int) -> None:
         self._check_open()
+        check_name("a queue name", queue)
         sub = _Subscription(handler, int(prefetch))
         for _ in range(_OP_TRIES):
             self._check_queue_reconnecting(queue)
@@ -197,6 +201,11 @@ class RabbitBroker(ConsumingSide, Broker):
         self._check_open()
         deadline = time.monotonic() + max(0.0, seconds)
         serviced = False
+        if (self._callbacks or self._pending) and time.monotonic() - self._last_serviced >= self._slice_s:
+            # Work is waiting, but a backlog of handlers (each run_for call runs one) must not
+            # keep the sockets unread for longer than a slice: heartbeats are answered only
+            # inside pika calls, and two missed ones make the broker drop the connection.
+            self._service(0.0)
         while True:
             if self._callbacks:
                 self._callbacks.popleft()()
@@ -216,6 +225,7 @@ class RabbitBroker(ConsumingSide, Broker):
 
     def _service(self, time_limit: float) -> None:
         """One slice: wait on the consuming connection, then let the publishing one breathe."""
+        self._last_serviced = time.monotonic()
         self._ensure_consume()
         try:
             # Returns early once a delivery or a thread-safe wake-up is ready to dispatch.

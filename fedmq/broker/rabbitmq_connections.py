@@ -100,6 +100,7 @@ class RabbitConnections:
         self._params = {role: self._parameters(role) for role in (_PUBLISH, _CONSUME)}
 
         self._closed = False
+        self._last_serviced = time.monotonic()  # when run_for last read the sockets
         #: Successful reconnections so far (the first connection does not count).
         self.reconnects = 0
 

@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 import pika
 
+from fedmq.broker.amqp_rules import check_name
 from fedmq.broker.base import Delivery
 from fedmq.broker.rabbitmq_connections import _CONSUME, _OP_TRIES, RabbitConnections, _Subscription, _Tag
 from fedmq.broker.rabbitmq_errors import PIKA_ERRORS, config_error, describe
@@ -26,6 +27,15 @@ from fedmq.errors import BrokerConfigError, BrokerUnavailable
 from fedmq.topology import DEFAULT_EXCHANGE, BindingSpec, ExchangeSpec, QueueSpec
 
 log = logging.getLogger("fedmq.broker.rabbitmq")  # one logger for the whole RabbitMQ broker
+
+
+def _names(spec: ExchangeSpec | QueueSpec | BindingSpec) -> list[tuple[str, str]]:
+    """The AMQP short strings a declaration carries, named for an error message."""
+    if isinstance(spec, ExchangeSpec):
+        return [("an exchange name", spec.name)]
+    if isinstance(spec, QueueSpec):
+        return [("a queue name", spec.name)]
+    return [("an exchange name", spec.exchange), ("a queue name", spec.queue), ("a routing key", spec.routing_key)]
 
 
 class ConsumingSide(RabbitConnections):
@@ -184,6 +194,8 @@ class ConsumingSide(RabbitConnections):
 
     def _declare(self, spec: ExchangeSpec | QueueSpec | BindingSpec) -> None:
         self._check_open()
+        for what, name in _names(spec):
+            check_name(what, name)
         self._admin_op(lambda ch: self._declare_on(ch, spec))
         if spec not in self._topology:
             self._topology.append(spec)
