@@ -29,7 +29,6 @@ from aggregator.rounds import OpenRound
 from fedmq.broker.base import Broker
 from fedmq.errors import InvalidMessage
 from fedmq.messages import UpdateHeader, WeightUpdate, peek_update
-from fedmq.tensor_codec import payload_bytes
 from fedmq.transport import ReceivedBytes, Transport
 
 log = logging.getLogger(__name__)
@@ -81,12 +80,6 @@ def check_update(update: WeightUpdate, template: Mapping[str, torch.Tensor]) -> 
         check_compatible(template, update.delta)
     except InvalidMessage as exc:
         raise InvalidMessage(exc.reason, f"from {update.worker_id}: {exc.detail}") from None
-
-
-def encoded_size_bound(weights: Mapping[str, torch.Tensor]) -> int:
-    """An upper bound, in bytes, of one encoded update or model of these tensors (their data plus
-    msgpack's framing of each tensor and of the message)."""
-    return payload_bytes(weights) + sum(len(name) + 128 for name in weights) + 4096
 
 
 class UpdateIntake:

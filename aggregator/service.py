@@ -27,7 +27,7 @@ from aggregator.checkpoint import CheckpointStore
 from aggregator.close_policy import Decision, SyncClosePolicy
 from aggregator.evaluation import evaluate
 from aggregator.fedavg import RunningSum, check_compatible, fedavg_step, non_finite_tensors
-from aggregator.intake import UpdateIntake, encoded_size_bound
+from aggregator.intake import UpdateIntake
 from aggregator.membership import Membership
 from aggregator.registry import WorkerRegistry
 from aggregator.rounds import OpenRound, VersionRecord
@@ -39,6 +39,7 @@ from fedmq.messages import ModelBroadcast, RunComplete, TaskSpec, TrainingConfig
 from fedmq.settings import DEFAULT_RUN_ID, Settings
 from fedmq.task import build_model, load_split
 from fedmq.topology import BROADCAST_EXCHANGE, CONTROL_QUEUE, DEFAULT_EXCHANGE, STATIC_TOPOLOGY, UPDATES_QUEUE, inbox_queue
+from fedmq.tensor_codec import encoded_size_bound
 from fedmq.transport import ReceivedBytes, Transport
 
 log = logging.getLogger(__name__)
@@ -159,6 +160,10 @@ class Aggregator:
         round_ = self.round
         workers = max(len(self.registry.live_ids()), self.cfg.start_workers, len(round_.held) if round_ else 0)
         wanted = self.intake.prefetch_for(workers)
+        # Chunked updates are reassembled in memory: at most one update's encoded size each, and
+        # one per expected sender (plus slack for a straggler's) at once.
+        update_bytes = self.intake.update_bytes
+        self.transport.bound_messages(update_bytes, update_bytes * (workers + 2))
         if wanted > self.update_prefetch:
             self.update_prefetch = max(wanted, 2 * self.update_prefetch)
             self.broker.subscribe(UPDATES_QUEUE, self._on_update, prefetch=self.update_prefetch)

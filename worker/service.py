@@ -28,6 +28,7 @@ from fedmq.messages import (Heartbeat, JoinAccepted, ModelBroadcast, RunComplete
                             WorkerGoodbye, WorkerHello, encode)
 from fedmq.settings import Settings
 from fedmq.task import BUILTIN_MODELS, build_model, forget_cached_splits, load_split, make_partitions
+from fedmq.tensor_codec import encoded_size_bound
 from fedmq.topology import CONTROL_QUEUE, DEFAULT_EXCHANGE, STATIC_TOPOLOGY, UPDATES_QUEUE, inbox_queue, inbox_topology
 from fedmq.transport import Transport
 from worker.trainer import train_locally, training_seed, weights_mismatch
@@ -293,6 +294,9 @@ class Worker:
         del split
         forget_cached_splits()  # keep only this worker's partition in memory
         model = build_model(task.model).to(self.device)
+        # Broadcasts are reassembled in memory: bound them by what this model can encode to.
+        limit = encoded_size_bound(model.state_dict())
+        self.broker.call_threadsafe(lambda: self.transport.bound_messages(limit, 2 * limit))
         loaded = _LocalData((task, partition), local.images.to(self.device), local.labels.to(self.device), model)
         with self._cond:
             self._data = loaded
