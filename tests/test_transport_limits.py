@@ -11,13 +11,14 @@ import time
 from decimal import Decimal
 
 import pytest
+import torch
 
 from fedmq.broker.amqp_rules import check_headers, dead_letter_headers
 from fedmq.broker.base import Broker, Delivery
 from fedmq.broker.memory import MemoryHub
 from fedmq.chunking import CHUNK_OVERHEAD_BYTES, ChunkAssembler, split_frames
 from fedmq.errors import InvalidMessage
-from fedmq.messages import Chunk, RunComplete, encode
+from fedmq.messages import Chunk, RunComplete, WeightUpdate, encode
 from fedmq.topology import CONTROL_QUEUE, DEAD_LETTER_QUEUE, REASON_HEADER, STATIC_TOPOLOGY, UPDATES_QUEUE
 from fedmq.transport import Transport
 
@@ -136,12 +137,13 @@ def test_a_chunked_message_round_trips(brokers):
     sender, broker = brokers
     consumer = Consumer(broker)
     sender_transport = Transport(sender, max_frame_bytes=FRAME)
-    # A 300 KB string field makes a message five frames long.
-    huge = RunComplete("h" * 300_000, 7, 0.75)
+    # 300 KB of tensor data makes an update five frames long.
+    huge = WeightUpdate("run-1", 0, "w1", 0, 10, 0.5, 1.0, 3, {"w": torch.arange(75_000, dtype=torch.float32)})
     sent = sender_transport.send("", UPDATES_QUEUE, huge)
     assert sent > 4 * FRAME
     assert _pump(broker, lambda: len(consumer.messages) == 1)
-    assert consumer.messages[0] == huge
+    got = consumer.messages[0]
+    assert got.key == huge.key and torch.equal(got.delta["w"], huge.delta["w"])
     assert consumer.transport.incomplete == 0
 
 
