@@ -90,3 +90,13 @@ def apply_mean_delta(weights: Tensors, mean_delta: Tensors, *, server_lr: float 
         else:
             out[name] = w + (step.to(torch.float64) * server_lr).round().to(w.dtype)
     return out
+
+
+def fedavg_step(weights: Tensors, running: RunningSum, *, server_lr: float = 1.0) -> dict[str, torch.Tensor]:
+    """The next global model: ``weights`` moved by the weighted mean of the folded deltas."""
+    return apply_mean_delta(weights, running.mean(), server_lr=server_lr)
+
+
+def non_finite_tensors(tensors: Tensors) -> list[str]:
+    """Names of the floating tensors holding NaN or Inf (a model must never be one of those)."""
+    return [name for name, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]

@@ -1,7 +1,8 @@
-"""One open model version in synchronous mode, and the line of metrics it closes with."""
+"""One model version in the making, and the line of metrics it closes with."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -11,21 +12,25 @@ from fedmq.broker.base import Delivery
 
 @dataclass
 class OpenRound:
-    """Version ``version`` is out; updates for it are folded into ``running`` as they arrive.
+    """Model version ``version``: updates for it are folded into ``running`` as they arrive.
 
-    ``expected`` are the workers the quorum counts on (selected and live at broadcast time);
-    ``deliveries`` are acknowledged only after the next version's checkpoint is written.
+    The round exists from the moment the aggregator holds ``version``, before its broadcast
+    (``broadcast`` is None until then): updates redelivered after a restart are folded at once
+    instead of being turned away. ``expected`` are the workers the quorum counts on (selected and
+    live at broadcast time); ``held`` the deliveries (without their bodies) of the newest copy of
+    every folded update, acknowledged only once the next checkpoint is written.
     """
 
     version: int
-    selected: tuple[str, ...]  # what the broadcast names; () means every worker may train
-    expected: set[str]
-    started: float
-    deadline: float
     running: RunningSum
-    broadcast: bytes  # the encoded ModelBroadcast, re-sent to joiners and on re-broadcast
+    selected: tuple[str, ...] = ()  # what the broadcast names; () means every worker may train
+    expected: set[str] = field(default_factory=set)
+    started: float = 0.0
+    deadline: float = float("inf")
+    broadcast: bytes | None = None  # the encoded ModelBroadcast, re-sent to joiners
+    attempt: int = 0  # of the current broadcast (see ModelBroadcast)
     folded: set[str] = field(default_factory=set)
-    deliveries: list[Delivery] = field(default_factory=list)
+    held: dict[str, tuple[Delivery, ...]] = field(default_factory=dict)  # worker -> its update's newest copy
     weighted_train_loss: float = 0.0
     bytes_up: int = 0
     bytes_down: int = 0
@@ -34,6 +39,22 @@ class OpenRound:
     dead_lettered: int = 0
     rebroadcasts: int = 0
 
+    @property
+    def is_open(self) -> bool:
+        """True once the version has been broadcast by this aggregator."""
+        return self.broadcast is not None
+
+    def hold(self, worker_id: str, deliveries: tuple[Delivery, ...]) -> tuple[Delivery, ...]:
+        """Keep what acknowledging these deliveries needs (not their bodies) until the checkpoint;
+        returns the deliveries of an older copy of the same update, which the caller acknowledges
+        now: one unacknowledged copy in the broker is enough to lose nothing, and after a
+        reconnection the older tags are void anyway (acking them does nothing)."""
+        older = self.held.get(worker_id, ())
+        self.held[worker_id] = tuple(dataclasses.replace(d, body=b"") for d in deliveries)
+        return older
+
+    def held_deliveries(self) -> list[Delivery]:
+        return [d for copy in self.held.values() for d in copy]
 
 @dataclass(frozen=True)
 class VersionRecord:
@@ -54,6 +75,7 @@ class VersionRecord:
     duplicates: int
     dead_lettered: int
     rebroadcasts: int
+    refused_steps: int = 0  # aggregates of this version refused as not finite before this one
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

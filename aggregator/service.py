@@ -1,8 +1,15 @@
-"""The synchronous aggregator: publish a version, fold updates as they come, close on quorum.
+"""The aggregator: hold a model version, broadcast it, fold updates as they come, close it.
 
-The round loop owns the messaging; the maths live in :mod:`aggregator.fedavg` and
-:mod:`aggregator.selection`. One thread does everything (pika connections are not
-thread-safe); evaluation is short next to the heartbeat interval.
+The round loop owns the messaging and asks two seams what to do: the close policy
+(:mod:`aggregator.close_policy`) when a version closes, and :meth:`Aggregator._aggregate` (the
+aggregation pipeline, FedAvg today) what the next model is. Update intake is decided in
+:mod:`aggregator.intake`, workers and liveness in :mod:`aggregator.membership`. One thread does
+everything (pika connections are not thread-safe).
+
+Recovery: the checkpoint (one atomic file) holds the model, the version, the partition table,
+the workers live when it was written and the keys of the updates folded into it. Updates are
+acknowledged only after the checkpoint that covers them, so a crash at any point loses none
+and, with the keys, folds none twice.
 """
 
 from __future__ import annotations
@@ -17,22 +24,23 @@ from typing import Callable
 import torch
 
 from aggregator.checkpoint import CheckpointStore
-from aggregator.evaluation import Evaluation, evaluate
-from aggregator.fedavg import RunningSum, apply_mean_delta, check_compatible
+from aggregator.close_policy import Decision, SyncClosePolicy
+from aggregator.evaluation import evaluate
+from aggregator.fedavg import RunningSum, check_compatible, fedavg_step, non_finite_tensors
+from aggregator.intake import UpdateIntake
+from aggregator.membership import Membership
 from aggregator.registry import WorkerRegistry
 from aggregator.rounds import OpenRound, VersionRecord
-from aggregator.selection import quorum_size, select_participants
+from aggregator.selection import select_participants
 from fedmq.broker.base import Broker, Delivery
 from fedmq.device import resolve_device
-from fedmq.errors import InvalidMessage, Unroutable
-from fedmq.messages import (Heartbeat, JoinAccepted, ModelBroadcast, RunComplete, TaskSpec, TrainingConfig,
-                            WeightUpdate, WorkerGoodbye, WorkerHello, encode)
-from fedmq.settings import Settings
+from fedmq.errors import InvalidMessage
+from fedmq.messages import ModelBroadcast, RunComplete, TaskSpec, TrainingConfig, encode
+from fedmq.settings import DEFAULT_RUN_ID, Settings
 from fedmq.task import build_model, load_split
-from fedmq.tensor_codec import payload_bytes
-from fedmq.topology import (BROADCAST_EXCHANGE, CONTROL_QUEUE, DEFAULT_EXCHANGE, STATIC_TOPOLOGY, UPDATES_QUEUE,
-                            inbox_queue)
-from fedmq.transport import Received, Transport
+from fedmq.topology import BROADCAST_EXCHANGE, CONTROL_QUEUE, DEFAULT_EXCHANGE, STATIC_TOPOLOGY, UPDATES_QUEUE, inbox_queue
+from fedmq.tensor_codec import encoded_size_bound
+from fedmq.transport import ReceivedBytes, Transport
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +54,6 @@ class RunResult:
     records: tuple[VersionRecord, ...]
 
 
-def default_run_id() -> str:
-    return time.strftime("run-%Y%m%d-%H%M%S")
-
-
 class Aggregator:
     """Runs one federation to its end over ``broker``; see :meth:`run`."""
 
@@ -58,16 +62,16 @@ class Aggregator:
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.settings = settings
         self.cfg = cfg = settings.run
-        self.run_id = cfg.run_id or default_run_id()
+        self.run_id = cfg.run_id or DEFAULT_RUN_ID
         self.broker = broker
         self.transport = Transport(broker, max_frame_bytes=settings.broker.max_frame_bytes)
         self.on_version = on_version
         self.clock = clock
-        num_partitions = cfg.num_partitions or cfg.start_workers
-        self.task = TaskSpec(cfg.dataset, cfg.model, cfg.partition_scheme, num_partitions,
+        self.task = TaskSpec(cfg.dataset, cfg.model, cfg.partition_scheme, cfg.partition_count,
                              cfg.dirichlet_alpha, cfg.shards_per_partition, cfg.seed)
         self.training = TrainingConfig(cfg.local_epochs, cfg.local_steps, cfg.batch_size, cfg.learning_rate,
                                        cfg.optimizer, cfg.momentum, cfg.weight_decay)
+        self.close_policy = SyncClosePolicy(cfg.min_updates, cfg.quorum_fraction)
         self.device = resolve_device(cfg.eval_device)
         self.model = build_model(cfg.model, seed=cfg.seed).to(self.device)
         self.weights = {k: v.detach().to("cpu").clone() for k, v in self.model.state_dict().items()}
@@ -75,124 +79,167 @@ class Aggregator:
         test = load_split(cfg.dataset, Path(data.data_root), train=False,
                           mirror=Path(data.data_mirror) if data.data_mirror else None, download=data.download)
         self.test_images, self.test_labels = test.images, test.labels
-        self.registry = WorkerRegistry(num_partitions, cfg.worker_timeout_s)
+        self.registry = WorkerRegistry(self.task.num_partitions, cfg.worker_timeout_s)
         self.store = CheckpointStore(Path(cfg.output_dir) / self.run_id)
         self.version = 0
         self.resumed = False
-        checkpoint = self.store.load(self.run_id)
-        if checkpoint is not None:
-            check_compatible(self.weights, checkpoint.weights)
-            self.weights, self.version = checkpoint.weights, checkpoint.version
-            self.registry.restore(checkpoint.partition_table)
-            self.resumed = True
-            log.info("run %s: resuming from the checkpoint of version %d", self.run_id, self.version)
-        self.round: OpenRound | None = None
+        self.checkpointed: frozenset = frozenset()  # keys of the updates in the last checkpoint
+        self._resume()
+        self.membership = Membership(self.registry, self.transport, self.run_id, self.task, clock, self._on_joined)
+        self.intake = UpdateIntake(broker, self.transport, self.run_id, self.task.num_partitions,
+                                   update_bytes=encoded_size_bound(self.weights),
+                                   max_frame_bytes=settings.broker.max_frame_bytes)
+        self.round: OpenRound | None = self._new_round(self.version)
         self.records: list[VersionRecord] = []
         self.finished = False
         self.last_accuracy = float("nan")
-        model_bytes = payload_bytes(self.weights)
-        chunks = max(1, math.ceil(model_bytes / settings.broker.max_frame_bytes))
-        # Folded updates stay unacknowledged until the next checkpoint, so the prefetch must hold
-        # a whole round's chunks or the broker stops delivering and the round never closes.
-        self.update_prefetch = max(256, 4 * num_partitions * chunks)
+        self.refused_steps = 0
+        self._handled = 0  # deliveries handled, to tell an idle broker slice from a busy one
+        self.update_prefetch = 0
+
+    def _resume(self) -> None:
+        checkpoint = self.store.load(self.run_id)
+        if checkpoint is None:
+            return
+        check_compatible(self.weights, checkpoint.weights)
+        self.weights, self.version = checkpoint.weights, checkpoint.version
+        self.checkpointed = checkpoint.folded
+        # The workers live at the checkpoint count as alive until they stay silent for the
+        # timeout: the resumed version waits for them instead of closing on the first update.
+        self.registry.restore(checkpoint.partition_table, checkpoint.live_workers, self.clock())
+        self.resumed = True
+        log.info("run %s: resuming from the checkpoint of version %d (%d workers were live)",
+                 self.run_id, self.version, len(checkpoint.live_workers))
 
     # -- the loop -------------------------------------------------------------------------------
     def run(self) -> RunResult:
         """Publish versions until ``versions`` are done or the target accuracy is reached."""
         self.broker.declare(STATIC_TOPOLOGY)
         self.broker.subscribe(CONTROL_QUEUE, self._on_control, prefetch=256)
-        self.broker.subscribe(UPDATES_QUEUE, self._on_update, prefetch=self.update_prefetch)
+        self._fit_update_prefetch()
         log.info("run %s: %s on %s, %d partitions (%s), waiting for %d ready workers",
                  self.run_id, self.cfg.model, self.cfg.dataset, self.task.num_partitions,
                  self.task.partition_scheme, self.cfg.start_workers)
         if self.version >= self.cfg.versions:
             self._finish()
         while not self.finished:
+            handled = self._handled
             self.broker.run_for(0.25)
+            if self._handled == handled:
+                self.membership.caught_up(self.clock())
             self._tick()
         return RunResult(self.run_id, self.version, self.last_accuracy, self.store.directory, tuple(self.records))
 
     def _tick(self) -> None:
+        # Chunk sets that never complete are dropped whether or not a version is open.
+        self.transport.expire_incomplete(self.cfg.round_timeout_s)
         if self.finished:
             return
-        now = self.clock()
-        for worker_id in self.registry.expire(now):
-            log.warning("worker %s silent for over %.0f s: considered dead (%d live)",
-                        worker_id, self.cfg.worker_timeout_s, len(self.registry.live_ids()))
+        self.membership.expire_and_rebalance(self.cfg.worker_timeout_s)
+        self._fit_update_prefetch()
         round_ = self.round
-        if round_ is None:
+        assert round_ is not None
+        now = self.clock()
+        if not round_.is_open:
             if self.resumed or len(self.registry.ready_ids()) >= self.cfg.start_workers:
-                self._open_round(self.version)
+                self._open_round(round_)
             return
-        if self._quorum_reached(round_):
-            self._close_round()
-        elif now >= round_.deadline:
-            if len(round_.folded) >= self.cfg.min_updates:
+        decision = self.close_policy.decide(round_, self.registry, now)
+        if decision is Decision.CLOSE:
+            if now >= round_.deadline:
                 log.info("version %d: deadline, closing with %d of %d expected updates",
                          round_.version, len(round_.folded), len(round_.expected))
-                self._close_round()
-            else:
-                self._rebroadcast(round_, now)
-        self.transport.expire_incomplete(self.cfg.round_timeout_s)
+            self._close_round(round_)
+        elif decision is Decision.REBROADCAST:
+            self._rebroadcast(round_, now, f"only {len(round_.folded)} updates by the deadline "
+                                           f"(need {self.cfg.min_updates})")
+
+    def _fit_update_prefetch(self) -> None:
+        """Subscribe (again) to the updates with a prefetch for the live workers; it grows with
+        them (doubling), never shrinks (see :meth:`UpdateIntake.prefetch_for`)."""
+        round_ = self.round
+        workers = max(len(self.registry.live_ids()), self.cfg.start_workers, len(round_.held) if round_ else 0)
+        wanted = self.intake.prefetch_for(workers)
+        # Chunked updates are reassembled in memory: at most one update's encoded size each, and
+        # one per expected sender (plus slack for a straggler's) at once.
+        update_bytes = self.intake.update_bytes
+        self.transport.bound_messages(update_bytes, update_bytes * (workers + 2))
+        if wanted > self.update_prefetch:
+            self.update_prefetch = max(wanted, 2 * self.update_prefetch)
+            self.broker.subscribe(UPDATES_QUEUE, self._on_update, prefetch=self.update_prefetch)
+            log.info("update prefetch %d deliveries (%d workers, %d frames per update)",
+                     self.update_prefetch, workers, self.intake.frames_per_update)
 
     # -- rounds ---------------------------------------------------------------------------------
-    def _open_round(self, version: int) -> None:
-        live = self.registry.live_ids()
-        chosen = select_participants(live, self.cfg.client_fraction, seed=self.cfg.seed, version=version)
-        named = () if self.cfg.client_fraction >= 1.0 else chosen
-        now = self.clock()
-        self.round = OpenRound(version, named, set(chosen), now, now + self.cfg.round_timeout_s,
-                               RunningSum(self.weights), b"")
-        sent = self._broadcast(self.round, live)
-        log.info("version %d: broadcast %.2f MB to %d live workers (%d expected)",
-                 version, sent / 1e6, len(live), len(chosen))
+    def _new_round(self, version: int) -> OpenRound:
+        return OpenRound(version, RunningSum(self.weights))
 
-    def _rebroadcast(self, round_: OpenRound, now: float) -> None:
+    def _open_round(self, round_: OpenRound) -> None:
+        live = self.registry.live_ids()
+        chosen = select_participants(live, self.cfg.client_fraction, seed=self.cfg.seed, version=round_.version)
+        round_.selected = () if self.cfg.client_fraction >= 1.0 else chosen
+        round_.expected = set(chosen)
+        round_.started = self.clock()
+        round_.deadline = round_.started + self.cfg.round_timeout_s
+        sent = self._broadcast(round_, live, attempt=0, awaited=())
+        log.info("version %d: broadcast %.2f MB to %d live workers (%d expected, %d updates already in)",
+                 round_.version, sent / 1e6, len(live), len(chosen), len(round_.folded))
+
+    def _rebroadcast(self, round_: OpenRound, now: float, why: str) -> None:
         live = self.registry.live_ids()
         chosen = select_participants(live, self.cfg.client_fraction, seed=self.cfg.seed,
                                      version=round_.version + 1000 * (round_.rebroadcasts + 1))
         round_.expected = set(chosen) | round_.folded
-        round_.selected = () if self.cfg.client_fraction >= 1.0 else tuple(sorted(set(chosen) | set(round_.selected)))
+        if self.cfg.client_fraction < 1.0:
+            round_.selected = tuple(sorted(set(chosen) | set(round_.selected)))
         round_.deadline = now + self.cfg.round_timeout_s
         round_.rebroadcasts += 1
-        self._broadcast(round_, live)
-        log.warning("version %d: only %d updates by the deadline (need %d); re-broadcast to %d live workers",
-                    round_.version, len(round_.folded), self.cfg.min_updates, len(live))
+        awaited = tuple(sorted(w for w in (round_.selected or live) if w not in round_.folded))
+        # A number never used for this version before, also across restarts of the aggregator.
+        attempt = max(round_.attempt + 1, time.time_ns() // 1_000_000)
+        self._broadcast(round_, live, attempt=attempt, awaited=awaited)
+        log.warning("version %d: %s; re-broadcast asking %d of %d live workers to train it again",
+                    round_.version, why, len(awaited), len(live))
 
-    def _broadcast(self, round_: OpenRound, live: list[str]) -> int:
+    def _broadcast(self, round_: OpenRound, live: list[str], *, attempt: int, awaited: tuple[str, ...]) -> int:
         """Encode the round's model once, publish it on the fanout and count the copies sent."""
+        round_.attempt = attempt
         round_.broadcast = encode(ModelBroadcast(self.run_id, round_.version, self.training, round_.selected,
-                                                 self.weights))
+                                                 self.weights, attempt, awaited))
         sent = self.transport.send(BROADCAST_EXCHANGE, "", round_.broadcast, mandatory=False)
         round_.bytes_down += sent * len(live)  # the fanout copies it into every live inbox
         return sent
 
-    def _quorum_reached(self, round_: OpenRound) -> bool:
-        counted = {w for w in round_.expected if w in self.registry} | round_.folded
-        need = quorum_size(len(counted), min_updates=self.cfg.min_updates, quorum_fraction=self.cfg.quorum_fraction)
-        return len(round_.folded) >= need
+    def _aggregate(self, round_: OpenRound) -> dict[str, torch.Tensor]:
+        """The aggregation pipeline: the next model from the current one and the round's updates."""
+        return fedavg_step(self.weights, round_.running)
 
-    def _close_round(self) -> None:
-        round_ = self.round
-        assert round_ is not None
-        mean = round_.running.mean()
-        self.weights = apply_mean_delta(self.weights, mean)
+    def _close_round(self, round_: OpenRound) -> None:
+        weights = self._aggregate(round_)
+        bad = non_finite_tensors(weights)
+        if bad:
+            self._refuse_step(round_, bad)
+            return
+        self.weights = weights
         self.model.load_state_dict(self.weights)
-        evaluation: Evaluation = evaluate(self.model, self.test_images, self.test_labels,
-                                          batch_size=self.cfg.eval_batch_size, device=self.device)
+        evaluation = evaluate(self.model, self.test_images, self.test_labels,
+                              batch_size=self.cfg.eval_batch_size, device=self.device)
         version = round_.version + 1
+        folded = frozenset((self.run_id, round_.version, w) for w in round_.folded)
         # Durable first, then acknowledge: an update is acked only once it is in a checkpoint.
-        self.store.save(self.run_id, version, self.weights, self.registry.partition_table)
-        for delivery in round_.deliveries:
+        self.store.save(self.run_id, version, self.weights, self.registry.partition_table,
+                        live_workers=self.registry.live_ids(), folded=folded)
+        self.checkpointed = folded
+        for delivery in round_.held_deliveries():
             self.broker.ack(delivery)
         record = VersionRecord(
             self.run_id, version, len(round_.folded), len(round_.expected), evaluation.accuracy, evaluation.loss,
             round_.weighted_train_loss / round_.running.total_weight, round_.bytes_up, round_.bytes_down,
             self.clock() - round_.started, len(self.registry.live_ids()), round_.stale, round_.duplicates,
-            round_.dead_lettered, round_.rebroadcasts)
+            round_.dead_lettered, round_.rebroadcasts, self.refused_steps)
         self.store.append_metrics(record.to_json())
         self.records.append(record)
-        self.version, self.last_accuracy, self.round = version, evaluation.accuracy, None
+        self.version, self.last_accuracy, self.refused_steps = version, evaluation.accuracy, 0
         log.info("version %d of run %s: %d updates, test accuracy %.4f, loss %.4f, %.1f s",
                  version, self.run_id, record.participants, evaluation.accuracy, evaluation.loss, record.seconds)
         if self.on_version is not None:
@@ -201,13 +248,31 @@ class Aggregator:
         if version >= self.cfg.versions or (target > 0 and evaluation.accuracy >= target):
             self._finish()
         else:
-            self._open_round(version)
+            self.round = self._new_round(version)
+            self._open_round(self.round)
+
+    def _refuse_step(self, round_: OpenRound, bad: list[str]) -> None:
+        """The aggregate is not finite: it never becomes a version. Keep the current model,
+        dead-letter the updates that made it (RabbitMQ's own dead-lettering: their bodies are
+        not kept here) and ask every live worker to train the version again."""
+        self.refused_steps += 1
+        log.error("version %d: the aggregate of %d updates (%s) is not finite in %s; step refused, the model "
+                  "stays at version %d, the updates are dead-lettered, the version is broadcast again "
+                  "(%d refused so far)", round_.version, len(round_.folded), ", ".join(sorted(round_.folded)),
+                  ", ".join(bad[:5]), self.version, self.refused_steps)
+        for delivery in round_.held_deliveries():
+            self.broker.reject(delivery, requeue=False)
+        fresh = self._new_round(round_.version)
+        fresh.rebroadcasts = round_.rebroadcasts
+        fresh.started, fresh.attempt, fresh.selected = round_.started, round_.attempt, round_.selected
+        self.round = fresh
+        self._rebroadcast(fresh, self.clock(), "its aggregate was refused")
 
     def _finish(self) -> None:
         path = self.store.save_final(self.run_id, self.version, self.weights)
         accuracy = 0.0 if math.isnan(self.last_accuracy) else self.last_accuracy  # NaN: no version closed
         self.transport.send(BROADCAST_EXCHANGE, "", RunComplete(self.run_id, self.version, accuracy), mandatory=False)
-        self.finished = True
+        self.finished, self.round = True, None
         log.info("run %s complete at version %d: final model in %s", self.run_id, self.version, path)
 
     # -- messages -------------------------------------------------------------------------------
@@ -216,106 +281,44 @@ class Aggregator:
         if self.round is not None:
             self.round.dead_lettered += 1
 
-    def _receive(self, delivery: Delivery) -> Received | None:
-        """The whole message a delivery completes; None while chunks are missing or if invalid
-        (then it is dead-lettered)."""
+    def _receive(self, delivery: Delivery) -> ReceivedBytes | None:
+        """The whole message a delivery completes, undecoded; None while chunks are missing or
+        if invalid (then it is dead-lettered)."""
+        self._handled += 1
         try:
-            return self.transport.receive(delivery)
+            return self.transport.receive_bytes(delivery)
         except InvalidMessage as exc:
             self._dead_letter(exc.deliveries, exc.reason, exc.detail)  # type: ignore[attr-defined]
             return None
 
     def _on_control(self, delivery: Delivery) -> None:
-        received = self._receive(delivery)
-        if received is None:
+        raw = self._receive(delivery)
+        if raw is None:
             return
-        message, now = received.message, self.clock()
-        if isinstance(message, WorkerHello):
-            self._join(message.worker_id, message.requested_partition, message.device, now)
-        elif isinstance(message, Heartbeat):
-            if message.worker_id not in self.registry or message.run_id != self.run_id:
-                # An aggregator that (re)started after the worker learns of it from its heartbeat.
-                requested = message.partition if message.run_id == self.run_id else -1
-                self._join(message.worker_id, requested, message.device, now)
-            self.registry.touch(message.worker_id, now, state=message.state if message.run_id == self.run_id else None,
-                                version=message.version)
-        elif isinstance(message, WorkerGoodbye):
-            if self.registry.leave(message.worker_id):
-                log.info("worker %s left (%d live)", message.worker_id, len(self.registry.live_ids()))
-        else:
-            self._dead_letter(received.deliveries, "schema", f"a {message.KIND} message on the control queue")
+        try:
+            message = self.transport.decode(raw)
+        except InvalidMessage as exc:
+            self._dead_letter(raw.deliveries, exc.reason, exc.detail)
             return
-        for d in received.deliveries:
+        if not self.membership.handle(message):
+            self._dead_letter(raw.deliveries, "schema", f"a {message.KIND} message on the control queue")
+            return
+        for d in raw.deliveries:
             self.broker.ack(d)
 
-    def _join(self, worker_id: str, requested: int, device: str, now: float) -> None:
-        record = self.registry.join(worker_id, requested, now, device=device)
-        inbox = inbox_queue(worker_id).name
-        try:
-            self.transport.send(DEFAULT_EXCHANGE, inbox, JoinAccepted(self.run_id, worker_id, record.partition, self.task))
-            if self.round is not None:
-                # A late joiner gets the current model now, not at the next version.
-                sent = self.transport.send(DEFAULT_EXCHANGE, inbox, self.round.broadcast)
-                self.round.bytes_down += sent
-                if not self.round.selected and len(self.round.expected) < self.cfg.start_workers:
-                    # A version opened short of --start-workers (after a resume, or after many
-                    # workers died) counts joiners into its quorum instead of closing on the first.
-                    self.round.expected.add(worker_id)
-        except Unroutable:
-            log.warning("worker %s has no inbox queue: ignoring its hello", worker_id)
-            self.registry.leave(worker_id)
+    def _on_joined(self, worker_id: str) -> None:
+        round_ = self.round
+        if round_ is None or round_.broadcast is None:
             return
-        log.info("worker %s joined on %s with partition %d of %d (%d live)", worker_id, device or "?",
-                 record.partition, self.task.num_partitions, len(self.registry.live_ids()))
+        # A late joiner gets the current model now, not at the next version.
+        round_.bytes_down += self.transport.send(DEFAULT_EXCHANGE, inbox_queue(worker_id).name, round_.broadcast)
+        if not round_.selected and len(round_.expected) < self.cfg.start_workers:
+            # A version opened short of --start-workers (after many workers died) counts
+            # joiners into its quorum instead of closing on the first update.
+            round_.expected.add(worker_id)
 
     def _on_update(self, delivery: Delivery) -> None:
-        received = self._receive(delivery)
-        if received is None:
-            return
-        update, round_ = received.message, self.round
-        if not isinstance(update, WeightUpdate):
-            self._dead_letter(received.deliveries, "schema", f"a {update.KIND} message on the update queue")
-            return
-        if update.run_id != self.run_id:
-            self._dead_letter(received.deliveries, "wrong-run", f"update of run {update.run_id!r}, this is {self.run_id!r}")
-            return
-        try:
-            check_compatible(self.weights, update.delta)
-        except InvalidMessage as exc:
-            self._dead_letter(received.deliveries, exc.reason, f"from {update.worker_id}: {exc.detail}")
-            return
-        if update.base_version < self.version:
-            for d in received.deliveries:
-                self.broker.ack(d)
-            if round_ is not None:
-                round_.stale += 1
-                round_.bytes_up += received.size
-            log.info("stale update from %s for version %d dropped (current %d)",
-                     update.worker_id, update.base_version, self.version)
-            return
-        if round_ is None or update.base_version > round_.version:
-            self._dead_letter(received.deliveries, "future-version",
-                              f"update for version {update.base_version}, open version is "
-                              f"{round_.version if round_ else 'none yet'}")
-            return
-        round_.bytes_up += received.size
-        if round_.selected and update.worker_id not in round_.selected:
-            for d in received.deliveries:
-                self.broker.ack(d)
-            round_.stale += 1
-            log.info("version %d: update from unselected worker %s dropped", round_.version, update.worker_id)
-            return
-        if update.worker_id in round_.folded:
-            # At-least-once delivery: keep the new delivery to ack with the checkpoint, fold nothing.
-            round_.deliveries.extend(received.deliveries)
-            round_.duplicates += 1
-            log.info("version %d: duplicate update from %s ignored", round_.version, update.worker_id)
-            return
-        round_.running.fold(update.delta, update.num_samples)
-        round_.folded.add(update.worker_id)
-        round_.deliveries.extend(received.deliveries)
-        round_.weighted_train_loss += update.train_loss * update.num_samples
-        self.registry.touch(update.worker_id, self.clock())
-        log.info("version %d: update %d/%d from %s (%d samples, train loss %.4f, %.1f s)",
-                 round_.version, len(round_.folded), len(round_.expected), update.worker_id,
-                 update.num_samples, update.train_loss, update.train_seconds)
+        raw = self._receive(delivery)
+        if raw is not None:
+            self.intake.take(raw, self.round, version=self.version, checkpointed=self.checkpointed,
+                             template=self.weights)

@@ -26,6 +26,13 @@ from fedmq.messages import SCHEMA_VERSION, Chunk
 log = logging.getLogger(__name__)
 
 MAX_FRAME_BYTES = 8 * 1024 * 1024
+
+#: The smallest frame limit fedmq allows (settings refuse less), so no sender cuts a piece under
+#: this many data bytes except the last one of a message.
+MIN_CHUNK_DATA_BYTES = 32 * 1024
+
+#: What holding one chunk costs at least, whatever its data: its delivery, headers, envelope.
+CHUNK_OVERHEAD_BYTES = 512
 #: Room kept in every chunk frame for the msgpack envelope around the data.
 _ENVELOPE_BYTES = 1024
 
@@ -60,6 +67,7 @@ class _PendingSet(Generic[H]):
     total_bytes: int
     sha256: bytes
     first_seen: float
+    held: int = 0  # bytes counted against max_pending_bytes
     parts: dict[int, bytes] = field(default_factory=dict)
     handles: list[H] = field(default_factory=list)
 
@@ -68,7 +76,10 @@ class ChunkAssembler(Generic[H]):
     """Collects chunks by message id; returns the payload once every chunk is in.
 
     ``max_message_bytes`` bounds one reassembled message and ``max_pending_bytes`` everything
-    held at once, so a flood of partial sets cannot exhaust memory.
+    held at once, so a flood of partial sets cannot exhaust memory. What a chunk holds is
+    counted as at least :data:`CHUNK_OVERHEAD_BYTES` (its handle and envelope), so a set of
+    zero-length chunks is bounded too, and a set may not announce more chunks than its bytes
+    could fill.
     """
 
     def __init__(self, *, max_message_bytes: int = 1 << 30, max_pending_bytes: int = 2 << 30) -> None:
@@ -82,7 +93,7 @@ class ChunkAssembler(Generic[H]):
         """Number of incomplete messages held."""
         return len(self._sets)
 
-    def add(self, chunk: Chunk, handle: H) -> tuple[bytes, list[H]] | None:
+    def add(self, chunk: Chunk, handle: H, *, wire_bytes: int = 0) -> tuple[bytes, list[H]] | None:
         """Take one chunk. Returns ``(payload, handles)`` when its message is complete.
 
         Raises :class:`InvalidMessage` (with the handles of the whole set in ``exc.handles``)
@@ -94,6 +105,10 @@ class ChunkAssembler(Generic[H]):
             if chunk.total_bytes > self.max_message_bytes:
                 raise _with_handles(InvalidMessage(
                     "oversize", f"chunked message of {chunk.total_bytes} bytes > {self.max_message_bytes}"), [handle])
+            if chunk.count > chunk.total_bytes // MIN_CHUNK_DATA_BYTES + 1:
+                raise _with_handles(InvalidMessage(
+                    "schema", f"{chunk.count} chunks for {chunk.total_bytes} bytes: senders never cut pieces "
+                    f"under {MIN_CHUNK_DATA_BYTES} bytes"), [handle])
             pending = _PendingSet(chunk.count, chunk.total_bytes, chunk.sha256, time.monotonic())
             self._sets[chunk.message_id] = pending
         pending.handles.append(handle)
@@ -106,14 +121,16 @@ class ChunkAssembler(Generic[H]):
         size = sum(map(len, pending.parts.values())) + len(chunk.data)
         if size > pending.total_bytes:
             raise self._fail(chunk.message_id, InvalidMessage("oversize", "chunks exceed their declared size"))
-        if self._held + len(chunk.data) > self.max_pending_bytes:
+        held = max(wire_bytes, len(chunk.data), CHUNK_OVERHEAD_BYTES)
+        if self._held + held > self.max_pending_bytes:
             raise self._fail(chunk.message_id, InvalidMessage("oversize", "too many bytes in incomplete messages"))
         pending.parts[chunk.index] = chunk.data
-        self._held += len(chunk.data)
+        pending.held += held
+        self._held += held
         if len(pending.parts) < pending.count:
             return None
         del self._sets[chunk.message_id]
-        self._held -= size
+        self._held -= pending.held
         payload = b"".join(pending.parts[i] for i in range(pending.count))
         if len(payload) != pending.total_bytes or hashlib.sha256(payload).digest() != pending.sha256:
             raise _with_handles(InvalidMessage("digest", f"message {chunk.message_id} failed its sha256 check"),
@@ -126,13 +143,13 @@ class ChunkAssembler(Generic[H]):
         dropped = []
         for message_id in [m for m, s in self._sets.items() if now - s.first_seen > older_than_s]:
             pending = self._sets.pop(message_id)
-            self._held -= sum(map(len, pending.parts.values()))
+            self._held -= pending.held
             dropped.append((message_id, pending.handles))
         return dropped
 
     def _fail(self, message_id: str, error: InvalidMessage) -> InvalidMessage:
         pending = self._sets.pop(message_id)
-        self._held -= sum(map(len, pending.parts.values()))
+        self._held -= pending.held
         return _with_handles(error, pending.handles)
 
 

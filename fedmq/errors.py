@@ -33,6 +33,10 @@ class BrokerConfigError(BrokerError):
     """The broker refused an operation for a reason retrying will not fix (403/404/406)."""
 
 
+class InvalidName(BrokerError):
+    """A name or header AMQP cannot carry (over 255 bytes, not a string); never retried."""
+
+
 class Unroutable(BrokerError):
     """A mandatory publish reached no queue (for example a worker inbox that no longer exists)."""
 

@@ -15,6 +15,7 @@ worker -> updates: :class:`WeightUpdate`
 from __future__ import annotations
 
 import dataclasses
+import io
 import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, Mapping, Union
@@ -23,6 +24,8 @@ import msgpack
 import torch
 
 from fedmq.errors import InvalidMessage
+from fedmq.task.datasets import DATASETS
+from fedmq.task.partitions import SCHEMES
 from fedmq.tensor_codec import check_finite, decode_tensors, encode_tensors
 
 SCHEMA_VERSION = 1
@@ -47,6 +50,29 @@ class _Reader:
         value = self.raw[name]
         if not isinstance(value, str) or (nonempty and not value):
             raise self._bad(name, "a non-empty string" if nonempty else "a string")
+        return value
+
+    def ident(self, name: str, *, nonempty: bool = True) -> str:
+        """A worker, run or message id: see :func:`check_identifier`."""
+        value = self.str(name, nonempty=nonempty)
+        check_identifier(f"{self.kind}.{name}", value, allow_empty=not nonempty)
+        return value
+
+    def choice(self, name: str, allowed: tuple[str, ...]) -> str:
+        value = self.str(name, nonempty=True)
+        if value not in allowed:
+            raise InvalidMessage("schema", f"{self.kind}.{name}={value[:40]!r}: choose from {', '.join(allowed)}")
+        return value
+
+    def bounded(self, name: str, *, low: float, high: float = math.inf, low_open: bool = False,
+                high_open: bool = False) -> float:
+        """A finite number within [low, high] (an open end excludes its bound)."""
+        value = self.float(name)
+        too_low = value <= low if low_open else value < low
+        too_high = value >= high if high_open else value > high
+        if too_low or too_high:
+            interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+            raise InvalidMessage("schema", f"{self.kind}.{name}={value} is outside {interval}")
         return value
 
     def int(self, name: str, *, minimum: int | None = None) -> int:
@@ -77,6 +103,13 @@ class _Reader:
             raise self._bad(name, "a list of strings")
         return tuple(value)
 
+    def idents(self, name: str) -> tuple[str, ...]:
+        """A list of worker ids, each checked by :func:`check_identifier`."""
+        values = self.strs(name)
+        for value in values:
+            check_identifier(f"{self.kind}.{name}[]", value)
+        return values
+
     def map(self, name: str) -> Mapping[str, Any]:
         value = self.raw[name]
         if not isinstance(value, dict):
@@ -88,6 +121,21 @@ class _Reader:
         if not isinstance(value, bytes):
             raise self._bad(name, "bytes")
         return value
+
+
+#: The longest worker, run or message id: an inbox queue name (``fedmq.inbox.<worker id>``) and
+#: every routing key built from an id stay far inside AMQP's 255-byte short strings.
+MAX_IDENTIFIER_CHARS = 128
+
+#: Local optimizers a worker can build (worker.trainer); the wire contract names them.
+OPTIMIZERS = ("sgd", "adam")
+
+
+def check_identifier(what: str, value: str, *, allow_empty: bool = False) -> None:
+    """InvalidMessage unless ``value`` is 1-128 letters, digits, ``-``, ``_`` or ``.``."""
+    if (not value and not allow_empty) or len(value) > MAX_IDENTIFIER_CHARS or not all(
+            (c.isascii() and c.isalnum()) or c in "-_." for c in value):
+        raise InvalidMessage("schema", f"{what}={value[:40]!r}: want 1-{MAX_IDENTIFIER_CHARS} letters, digits, - _ .")
 
 
 def _plain_fields(obj: Any) -> dict[str, Any]:
@@ -113,11 +161,11 @@ class TaskSpec:
     def from_wire(cls, raw: Mapping[str, Any]) -> "TaskSpec":
         r = _Reader("task", raw, tuple(f.name for f in dataclasses.fields(cls)))
         return cls(
-            dataset=r.str("dataset", nonempty=True),
+            dataset=r.choice("dataset", tuple(DATASETS)),
             model=r.str("model", nonempty=True),
-            partition_scheme=r.str("partition_scheme", nonempty=True),
+            partition_scheme=r.choice("partition_scheme", SCHEMES),
             num_partitions=r.int("num_partitions", minimum=1),
-            dirichlet_alpha=r.float("dirichlet_alpha"),
+            dirichlet_alpha=r.bounded("dirichlet_alpha", low=0.0, low_open=True),
             shards_per_partition=r.int("shards_per_partition", minimum=1),
             seed=r.int("seed"),
         )
@@ -149,10 +197,10 @@ class TrainingConfig:
             local_epochs=r.int("local_epochs", minimum=0),
             local_steps=r.int("local_steps", minimum=0),
             batch_size=r.int("batch_size", minimum=0),
-            learning_rate=r.float("learning_rate"),
-            optimizer=r.str("optimizer", nonempty=True),
-            momentum=r.float("momentum"),
-            weight_decay=r.float("weight_decay"),
+            learning_rate=r.bounded("learning_rate", low=0.0, low_open=True),
+            optimizer=r.choice("optimizer", OPTIMIZERS),
+            momentum=r.bounded("momentum", low=0.0, high=1.0, high_open=True),
+            weight_decay=r.bounded("weight_decay", low=0.0),
         )
         if config.local_epochs == 0 and config.local_steps == 0:
             raise InvalidMessage("schema", "training: local_epochs and local_steps are both 0")
@@ -161,26 +209,33 @@ class TrainingConfig:
 
 @dataclass(frozen=True)
 class WorkerHello:
-    """A worker announces itself; ``requested_partition`` is -1 to let the aggregator choose."""
+    """A worker announces itself; ``requested_partition`` is -1 to let the aggregator choose.
+
+    ``sent_at`` is the sender's wall clock (Unix seconds) when it was sent: the aggregator times
+    liveness by it, so a hello read late from a backlog does not pass for a fresh one.
+    """
 
     KIND: ClassVar[str] = "hello"
     worker_id: str
     requested_partition: int
     device: str
+    sent_at: float
 
     def fields(self) -> dict[str, Any]:
         return _plain_fields(self)
 
     @classmethod
     def from_fields(cls, r: _Reader) -> "WorkerHello":
-        return cls(r.str("worker_id", nonempty=True), r.int("requested_partition", minimum=-1), r.str("device"))
+        return cls(r.ident("worker_id"), r.int("requested_partition", minimum=-1), r.str("device"),
+                   r.float("sent_at"))
 
 
 @dataclass(frozen=True)
 class Heartbeat:
     """A worker is alive. ``state`` is joining, ready, training or idle; ``version`` the last
     model version it trained (-1 none). ``partition`` -1 until assigned. Also serves as a hello
-    for an aggregator that (re)started after the worker."""
+    for an aggregator that (re)started after the worker. ``sent_at``: the sender's wall clock
+    (Unix seconds) when it was sent; liveness is timed by it, not by when it is read."""
 
     KIND: ClassVar[str] = "heartbeat"
     STATES: ClassVar[tuple[str, ...]] = ("joining", "ready", "training", "idle")
@@ -190,6 +245,7 @@ class Heartbeat:
     version: int
     partition: int
     device: str
+    sent_at: float
 
     def fields(self) -> dict[str, Any]:
         return _plain_fields(self)
@@ -200,25 +256,40 @@ class Heartbeat:
         if state not in cls.STATES:
             raise InvalidMessage("schema", f"heartbeat.state {state!r} not in {cls.STATES}")
         return cls(
-            r.str("worker_id", nonempty=True), r.str("run_id"), state,
-            r.int("version", minimum=-1), r.int("partition", minimum=-1), r.str("device"),
+            r.ident("worker_id"), r.ident("run_id", nonempty=False), state,
+            r.int("version", minimum=-1), r.int("partition", minimum=-1), r.str("device"), r.float("sent_at"),
         )
 
 
 @dataclass(frozen=True)
 class WorkerGoodbye:
-    """A worker leaves on purpose: the quorum stops counting on it at once."""
+    """A worker stops taking part in ``run_id``: the quorum stops counting on it at once.
+
+    ``reason`` says why, and what the aggregator does about it:
+    - ``"leaving"``: it shuts down (stop, SIGTERM). A later hello or heartbeat joins it again.
+    - ``"refused"``: it will not take part in this run (for example the run's model is not one it
+      trusts); ``detail`` says why in words. The aggregator does not join it again on its
+      heartbeats; only a new hello (a restarted, reconfigured worker) does.
+    - ``"failed"``: it hit an error it cannot go on from and exits (non-zero, so that a restart
+      policy restarts it); its restart says hello again.
+    """
 
     KIND: ClassVar[str] = "goodbye"
+    REASONS: ClassVar[tuple[str, ...]] = ("leaving", "refused", "failed")
     worker_id: str
     run_id: str
+    reason: str = "leaving"
+    detail: str = ""
 
     def fields(self) -> dict[str, Any]:
         return _plain_fields(self)
 
     @classmethod
     def from_fields(cls, r: _Reader) -> "WorkerGoodbye":
-        return cls(r.str("worker_id", nonempty=True), r.str("run_id"))
+        reason = r.str("reason")
+        if reason not in cls.REASONS:
+            raise InvalidMessage("schema", f"goodbye.reason {reason!r} not in {cls.REASONS}")
+        return cls(r.ident("worker_id"), r.ident("run_id", nonempty=False), reason, r.str("detail")[:1000])
 
 
 @dataclass(frozen=True)
@@ -241,7 +312,7 @@ class JoinAccepted:
         index = r.int("partition_index", minimum=0)
         if index >= task.num_partitions:
             raise InvalidMessage("schema", f"partition {index} >= num_partitions {task.num_partitions}")
-        return cls(r.str("run_id", nonempty=True), r.str("worker_id", nonempty=True), index, task)
+        return cls(r.ident("run_id"), r.ident("worker_id"), index, task)
 
 
 @dataclass(frozen=True)
@@ -250,6 +321,12 @@ class ModelBroadcast:
 
     ``selected`` names the workers that should train this version (empty: every worker).
     ``weights`` is the full state_dict (parameters and buffers), CPU tensors.
+
+    A worker trains each version once, except when the aggregator asks again: ``attempt`` is 0
+    on a version's first broadcast; a re-broadcast (the deadline passed without enough updates)
+    carries a number not used before for that version, and ``awaited`` names the workers whose
+    update the aggregator still lacks. A worker in ``awaited`` trains the version again unless it
+    already answered this very attempt (the same broadcast can reach it twice: fanout and join).
     """
 
     KIND: ClassVar[str] = "model"
@@ -258,17 +335,25 @@ class ModelBroadcast:
     training: TrainingConfig
     selected: tuple[str, ...]
     weights: Mapping[str, torch.Tensor]
+    attempt: int = 0
+    awaited: tuple[str, ...] = ()
 
     def fields(self) -> dict[str, Any]:
         return {"run_id": self.run_id, "version": self.version, "training": self.training.to_wire(),
-                "selected": list(self.selected), "weights": encode_tensors(self.weights)}
+                "selected": list(self.selected), "weights": encode_tensors(self.weights),
+                "attempt": self.attempt, "awaited": list(self.awaited)}
 
     @classmethod
     def from_fields(cls, r: _Reader) -> "ModelBroadcast":
         weights = decode_tensors(r.raw["weights"])
         check_finite(weights)
-        return cls(r.str("run_id", nonempty=True), r.int("version", minimum=0),
-                   TrainingConfig.from_wire(r.map("training")), r.strs("selected"), weights)
+        return cls(r.ident("run_id"), r.int("version", minimum=0),
+                   TrainingConfig.from_wire(r.map("training")), r.idents("selected"), weights,
+                   r.int("attempt", minimum=0), r.idents("awaited"))
+
+    def asks_again(self, worker_id: str) -> bool:
+        """True if this broadcast asks ``worker_id`` to train its version again."""
+        return self.attempt > 0 and worker_id in self.awaited
 
 
 @dataclass(frozen=True)
@@ -285,14 +370,36 @@ class RunComplete:
 
     @classmethod
     def from_fields(cls, r: _Reader) -> "RunComplete":
-        return cls(r.str("run_id", nonempty=True), r.int("final_version", minimum=0), r.float("test_accuracy"))
+        return cls(r.ident("run_id"), r.int("final_version", minimum=0), r.float("test_accuracy"))
+
+
+#: The most samples one update may claim (its FedAvg weight): a billion is above any one worker's
+#: data per version, so only a broken or hostile sender hits it. The aggregation pipeline may cap
+#: a worker's weight far lower; this bound only keeps absurd values off the wire.
+MAX_NUM_SAMPLES = 1_000_000_000
+
+
+@dataclass(frozen=True)
+class UpdateHeader:
+    """The small fields of a :class:`WeightUpdate`, read without decoding its tensors."""
+
+    run_id: str
+    base_version: int
+    worker_id: str
+    partition: int
+    num_samples: int
+
+    @property
+    def key(self) -> tuple[str, int, str]:
+        return (self.run_id, self.base_version, self.worker_id)
 
 
 @dataclass(frozen=True)
 class WeightUpdate:
     """One worker's result for model ``base_version``: ``delta`` = local weights - global weights.
 
-    Identified by ``(run_id, base_version, worker_id)``. ``num_samples`` is its FedAvg weight;
+    Identified by ``(run_id, base_version, worker_id)``. ``num_samples`` is its FedAvg weight
+    (1 to :data:`MAX_NUM_SAMPLES`); ``partition`` the index it trained (-1: its own data);
     ``train_loss`` the mean training loss of its last local epoch; ``train_seconds`` wall time.
     """
 
@@ -316,15 +423,28 @@ class WeightUpdate:
         out["delta"] = encode_tensors(self.delta)
         return out
 
+    @property
+    def header(self) -> UpdateHeader:
+        return UpdateHeader(self.run_id, self.base_version, self.worker_id, self.partition, self.num_samples)
+
+    @classmethod
+    def header_from(cls, r: _Reader) -> UpdateHeader:
+        samples = r.int("num_samples", minimum=1)
+        if samples > MAX_NUM_SAMPLES:
+            raise InvalidMessage("bounds", f"update.num_samples={samples} is above {MAX_NUM_SAMPLES}")
+        return UpdateHeader(r.ident("run_id"), r.int("base_version", minimum=0),
+                            r.ident("worker_id"), r.int("partition", minimum=-1), samples)
+
     @classmethod
     def from_fields(cls, r: _Reader) -> "WeightUpdate":
+        head = cls.header_from(r)
+        train_loss, train_seconds, steps = r.float("train_loss"), r.float("train_seconds"), r.int("steps", minimum=0)
+        if train_seconds < 0:
+            raise InvalidMessage("bounds", f"update.train_seconds={train_seconds} is negative")
         delta = decode_tensors(r.raw["delta"])
         check_finite(delta)
-        return cls(
-            r.str("run_id", nonempty=True), r.int("base_version", minimum=0), r.str("worker_id", nonempty=True),
-            r.int("partition", minimum=-1), r.int("num_samples", minimum=1), r.float("train_loss"),
-            r.float("train_seconds"), r.int("steps", minimum=0), delta,
-        )
+        return cls(head.run_id, head.base_version, head.worker_id, head.partition, head.num_samples,
+                   train_loss, train_seconds, steps, delta)
 
 
 @dataclass(frozen=True)
@@ -347,7 +467,7 @@ class Chunk:
 
     @classmethod
     def from_fields(cls, r: _Reader) -> "Chunk":
-        chunk = cls(r.str("message_id", nonempty=True), r.int("index", minimum=0), r.int("count", minimum=1),
+        chunk = cls(r.ident("message_id"), r.int("index", minimum=0), r.int("count", minimum=1),
                     r.int("total_bytes", minimum=0), r.bytes("sha256"), r.bytes("data"))
         if chunk.index >= chunk.count:
             raise InvalidMessage("schema", f"chunk index {chunk.index} >= count {chunk.count}")
@@ -365,6 +485,61 @@ def encode(message: Message) -> bytes:
     body = {"schema": SCHEMA_VERSION, "kind": message.KIND}
     body.update(message.fields())
     return msgpack.packb(body, use_bin_type=True)
+
+
+_HEADER_FIELDS = tuple(f.name for f in dataclasses.fields(UpdateHeader))
+_PEEKED = frozenset(("schema", "kind", *_HEADER_FIELDS))
+_PEEK_READ_BYTES = 64 * 1024
+
+
+def _leading_fields(data: bytes, wanted: frozenset[str]) -> dict[str, Any] | None:
+    """The ``wanted`` fields of an encoded message map, read from its start without reading
+    (or copying) what follows them. None if they are not all there before any large field."""
+    unpacker = msgpack.Unpacker(io.BytesIO(data), raw=False, strict_map_key=True, read_size=_PEEK_READ_BYTES,
+                                max_bin_len=_PEEK_READ_BYTES, max_str_len=_PEEK_READ_BYTES,
+                                max_array_len=_PEEK_READ_BYTES, max_map_len=_PEEK_READ_BYTES)
+    found: dict[str, Any] = {}
+    try:
+        for _ in range(unpacker.read_map_header()):
+            key = unpacker.unpack()
+            if not isinstance(key, str) or key in ("delta", "weights", "data"):
+                return None
+            found[key] = unpacker.unpack()
+            if wanted <= found.keys():
+                return found
+    except Exception:  # not msgpack, not a map, a huge leading field: a full decode says what
+        return None
+    return None
+
+
+def peek_update(data: bytes) -> UpdateHeader | None:
+    """The header of an encoded :class:`WeightUpdate`, read without touching its tensors.
+
+    Reads the map's leading fields only (an encoder writes them before ``delta``). Returns None
+    when ``data`` does not look like an update laid out that way: decode it whole then, which
+    also gives the exact error. Raises :class:`InvalidMessage` for a header field that is wrong.
+    """
+    found = _leading_fields(data, _PEEKED)
+    if found is None or found["schema"] != SCHEMA_VERSION or found["kind"] != WeightUpdate.KIND:
+        return None
+    return WeightUpdate.header_from(_Reader(WeightUpdate.KIND, {k: found[k] for k in _HEADER_FIELDS}, _HEADER_FIELDS))
+
+
+def decode_chunk(data: bytes) -> Chunk | None:
+    """The :class:`Chunk` in ``data``, or None if ``data`` is some other (or no) message; only
+    a chunk is decoded here, anything else is left for :func:`decode`."""
+    found = _leading_fields(data, frozenset(("kind",)))
+    if found is not None and found["kind"] != Chunk.KIND:
+        return None
+    message = decode(data) if found is not None else _decode_or_none(data)
+    return message if isinstance(message, Chunk) else None
+
+
+def _decode_or_none(data: bytes) -> Message | None:
+    try:
+        return decode(data)
+    except InvalidMessage:
+        return None
 
 
 def decode(data: bytes) -> Message:

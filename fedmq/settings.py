@@ -18,6 +18,18 @@ from typing import Any, Mapping
 
 ENV_PREFIX = "FEDMQ_"
 
+#: The run id of ``fedmq aggregator`` when none is given. Fixed, not generated: a restarted
+#: aggregator (a container brought back by its restart policy, a crashed process started again)
+#: must find its checkpoint and resume the same run, not start another one from scratch. A new
+#: run is a deliberate act: name it with ``--run-id``. (``fedmq run``, a one-off process, uses a
+#: timestamp instead.)
+DEFAULT_RUN_ID = "default"
+
+#: ``--num-partitions 0`` splits the training set in ``max(--start-workers, this)`` partitions, so
+#: that workers added with ``docker compose --scale worker=N`` (N up to this) train distinct data
+#: with the default settings; set ``--num-partitions`` to the number of workers to use all of it.
+AUTO_MIN_PARTITIONS = 10
+
 
 class SettingsError(ValueError):
     """A setting has a value fedmq cannot use; the message names the flag and variable."""
@@ -51,11 +63,15 @@ class DataSettings:
 
 @dataclass(frozen=True)
 class RunSettings:
-    run_id: str = setting("", "name of the federation; messages, checkpoints and metrics carry it (default: generated)")
+    run_id: str = setting("", "name of the federation; messages, checkpoints and metrics carry it; an aggregator "
+                              f"restarted with the same run id resumes it (default: {DEFAULT_RUN_ID!r} for the "
+                              "aggregator, a timestamp for fedmq run)")
     dataset: str = setting("mnist", "data set", choices=("mnist", "fashion-mnist", "cifar10"))
     model: str = setting("fedavg-cnn", "fedavg-cnn, fedavg-2nn, cifar-cnn, or package.module:factory")
     partition_scheme: str = setting("iid", "how the training set is split among workers", choices=("iid", "dirichlet", "shards"))
-    num_partitions: int = setting(0, "partitions of the training set, one per worker (0: one per --start-workers)")
+    num_partitions: int = setting(0, "partitions of the training set, one per worker (0: the larger of --start-workers "
+                                     f"and {AUTO_MIN_PARTITIONS}, so up to {AUTO_MIN_PARTITIONS} scaled workers train "
+                                     "distinct data)")
     dirichlet_alpha: float = setting(0.5, "concentration of the Dirichlet split (smaller: more skewed)")
     shards_per_partition: int = setting(2, "label shards per worker for the shards split")
     seed: int = setting(0, "seed of the initial model, the partitions and the client selection")
@@ -78,6 +94,11 @@ class RunSettings:
     eval_batch_size: int = setting(1000, "batch size of the test-set evaluation")
     eval_device: str = setting("auto", "device for evaluation", choices=("auto", "cpu", "cuda"))
     eval_threads: int = setting(0, "torch threads for evaluation (0: torch's default)")
+
+    @property
+    def partition_count(self) -> int:
+        """The number of partitions the training set is split into (see ``num_partitions``)."""
+        return self.num_partitions or max(self.start_workers, AUTO_MIN_PARTITIONS)
 
 
 @dataclass(frozen=True)
@@ -201,5 +222,8 @@ def validate(s: Settings) -> None:
              f"must be below the worker timeout ({r.worker_timeout_s} s)")
     _require(s.embedded.workers >= 1, "workers", "must be >= 1")
     _require(w.training_slots >= 0, "training_slots", "must be >= 0")
-    _require(all(c.isalnum() or c in "-_." for c in w.worker_id), "worker_id", "letters, digits, - _ . only")
-    _require(all(c.isalnum() or c in "-_." for c in r.run_id), "run_id", "letters, digits, - _ . only")
+    for name, value in (("worker_id", w.worker_id), ("run_id", r.run_id)):
+        # The same rule the wire enforces (fedmq.messages.check_identifier): at most 128 ASCII
+        # letters, digits, - _ . so every queue name and routing key built from it fits AMQP.
+        _require(len(value) <= 128 and all((c.isascii() and c.isalnum()) or c in "-_." for c in value),
+                 name, "at most 128 letters, digits, - _ .")

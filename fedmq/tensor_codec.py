@@ -115,3 +115,9 @@ def check_finite(tensors: Mapping[str, torch.Tensor]) -> None:
 def payload_bytes(tensors: Mapping[str, torch.Tensor]) -> int:
     """Raw size of the tensors' data in bytes."""
     return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def encoded_size_bound(weights: Mapping[str, torch.Tensor]) -> int:
+    """An upper bound, in bytes, of one encoded update or model of these tensors (their data plus
+    msgpack's framing of each tensor and of the message)."""
+    return payload_bytes(weights) + sum(len(name) + 128 for name in weights) + 4096

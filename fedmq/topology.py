@@ -10,9 +10,17 @@ Flow:
   default exchange (a joining worker's assignment and the current model).
 - ``fedmq.updates`` (durable) carries weight updates to the aggregator. Single active consumer:
   a standby aggregator can attach without two aggregators folding the same updates.
-- ``fedmq.control`` (durable) carries hellos, heartbeats and goodbyes to the aggregator.
+- ``fedmq.control`` (durable) carries hellos, heartbeats and goodbyes to the aggregator. It has
+  no dead-letter exchange on purpose: these messages carry a per-message TTL, and with one every
+  heartbeat sent while no aggregator consumes would expire into the dead letters. Expired
+  control messages vanish; an invalid one is still republished to ``fedmq.dead`` with its reason.
 - ``fedmq.dead`` (fanout) -> ``fedmq.dead-letters``: invalid messages, with the reason in the
-  ``x-fedmq-reason`` header.
+  ``x-fedmq-reason`` header. Bounded: past :data:`DEAD_LETTER_MAX_MESSAGES` the oldest go.
+
+Upgrading a broker that holds the first topology: ``fedmq.control`` and ``fedmq.dead-letters``
+changed arguments, and RabbitMQ refuses a declaration that disagrees with an existing queue
+(406). Delete the two queues once (``rabbitmqctl delete_queue fedmq.control`` and
+``fedmq.dead-letters``; the aggregator must be stopped) or import the new definitions.
 """
 
 from __future__ import annotations
@@ -37,6 +45,10 @@ SOURCE_QUEUE_HEADER = "x-fedmq-source-queue"
 #: reconnects later declares its inbox again and is sent the current model on its heartbeat.
 #: (A worker that exits cleanly deletes its inbox itself.)
 INBOX_EXPIRES_MS = 60 * 1000
+
+#: The dead-letter queue keeps the newest this many messages (RabbitMQ drops from the head), so
+#: a flood of garbage cannot fill the broker's disk; each is logged and counted when it arrives.
+DEAD_LETTER_MAX_MESSAGES = 10_000
 
 
 @dataclass(frozen=True)
@@ -79,8 +91,9 @@ STATIC_TOPOLOGY = Topology(
     ),
     queues=(
         QueueSpec(UPDATES_QUEUE, arguments=(("x-single-active-consumer", True),) + _DEAD_LETTERING),
-        QueueSpec(CONTROL_QUEUE, arguments=_DEAD_LETTERING),
-        QueueSpec(DEAD_LETTER_QUEUE),
+        QueueSpec(CONTROL_QUEUE),
+        QueueSpec(DEAD_LETTER_QUEUE, arguments=(("x-max-length", DEAD_LETTER_MAX_MESSAGES),
+                                                ("x-overflow", "drop-head"))),
     ),
     bindings=(BindingSpec(DEAD_LETTER_EXCHANGE, DEAD_LETTER_QUEUE),),
 )

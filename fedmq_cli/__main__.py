@@ -32,14 +32,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _configure(settings: Settings) -> None:
+def torch_threads(command: str, settings: Settings) -> int:
+    """The torch thread count for ``command`` (0: torch's default). Each service reads only its
+    own setting: a ``FEDMQ_THREADS`` meant for workers must not slow the aggregator's evaluation.
+    The embedded mode trains and evaluates in one process: the workers' setting wins there."""
+    if command == "aggregator":
+        return settings.run.eval_threads
+    if command == "worker":
+        return settings.worker.threads
+    return settings.worker.threads or settings.run.eval_threads
+
+
+def _configure(command: str, settings: Settings) -> None:
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
     # pika logs every socket event at INFO; fedmq logs the connection events a person needs.
     logging.getLogger("pika").setLevel(max(logging.WARNING, logging.getLogger().level))
     import torch  # imported late: `fedmq --help` stays fast
 
-    threads = settings.worker.threads or settings.run.eval_threads
+    threads = torch_threads(command, settings)
     if threads > 0:
         torch.set_num_threads(threads)
 
@@ -74,6 +85,9 @@ def _serve_worker(settings: Settings) -> int:
             worker.run()
         except KeyboardInterrupt:
             worker.stop()
+    if worker.failure:
+        print(f"fedmq worker {worker.worker_id}: {worker.failure}", file=sys.stderr, flush=True)
+        return 1
     return 0
 
 
@@ -95,7 +109,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = settings_from_args(args)
     except SettingsError as exc:
         parser.error(str(exc))
-    _configure(settings)
+    _configure(args.command, settings)
     handlers = {"aggregator": _serve_aggregator, "worker": _serve_worker, "run": _run_embedded}
     try:
         return handlers[args.command](settings)

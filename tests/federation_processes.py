@@ -56,21 +56,29 @@ class Federation:
         self.env.update({
             "FEDMQ_BROKER_URL": url, "FEDMQ_DATA_ROOT": str(data_root), "FEDMQ_DOWNLOAD": "false",
             "FEDMQ_RUN_ID": run_id, "FEDMQ_OUTPUT_DIR": str(tmp_path / "runs"), "FEDMQ_THREADS": "1",
+            "FEDMQ_EVAL_THREADS": "1",
             "FEDMQ_MODEL": "fedavg-2nn", "FEDMQ_HEARTBEAT_INTERVAL_S": "1", "FEDMQ_WORKER_TIMEOUT_S": "5",
             "FEDMQ_LOG_LEVEL": "INFO", "PYTHONUNBUFFERED": "1",
         })
         self.env.update({k: str(v) for k, v in env.items()})
         self.processes: dict[str, subprocess.Popen] = {}
+        self.aggregator_log = "aggregator"
 
     def _start(self, name: str, args: list[str]) -> subprocess.Popen:
-        log = open(self.tmp_path / f"{name}.log", "wb")
+        log = open(self.tmp_path / f"{name}.log", "ab")  # a restarted process appends
         process = subprocess.Popen([sys.executable, "-m", "fedmq_cli", *args], cwd=REPO, env=self.env,
                                    stdout=log, stderr=subprocess.STDOUT)
         self.processes[name] = process
         return process
 
-    def aggregator(self, *flags: str) -> subprocess.Popen:
-        return self._start("aggregator", ["aggregator", *flags])
+    def aggregator(self, *flags: str, name: str = "aggregator") -> subprocess.Popen:
+        """Start the aggregator; a restarted one under another ``name`` logs to its own file and
+        becomes the one :meth:`wait_aggregator` and :meth:`wait_for_version` watch."""
+        process = self._start(name, ["aggregator", *flags])
+        self.processes["aggregator"] = process
+        self.processes[name] = process
+        self.aggregator_log = name
+        return process
 
     def worker(self, name: str, *flags: str) -> subprocess.Popen:
         return self._start(name, ["worker", "--worker-id", name, *flags])
@@ -87,6 +95,17 @@ class Federation:
             return []
         return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
 
+    def wait_for_log(self, name: str, text: str, timeout_s: float) -> None:
+        """Wait until ``text`` appears in the log of process ``name`` (polled every 20 ms)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if text in self.log(name):
+                return
+            if self.processes[name].poll() is not None:
+                break
+            time.sleep(0.02)
+        raise AssertionError(f"{text!r} never logged by {name}; log:\n{self.log(name)[-3000:]}")
+
     def wait_for_version(self, version: int, timeout_s: float) -> list[dict]:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
@@ -96,19 +115,19 @@ class Federation:
             if self.processes["aggregator"].poll() is not None:
                 break
             time.sleep(0.1)
-        raise AssertionError(f"version {version} not reached; aggregator log:\n{self.log('aggregator')[-3000:]}")
+        raise AssertionError(f"version {version} not reached; aggregator log:\n{self.log(self.aggregator_log)[-3000:]}")
 
     def wait_aggregator(self, timeout_s: float) -> int:
         try:
             return self.processes["aggregator"].wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
-            raise AssertionError(f"aggregator still running; log:\n{self.log('aggregator')[-3000:]}") from None
+            raise AssertionError(f"aggregator still running; log:\n{self.log(self.aggregator_log)[-3000:]}") from None
 
     def wait_workers(self, timeout_s: float) -> dict[str, int | None]:
         deadline = time.monotonic() + timeout_s
         codes = {}
         for name, process in self.processes.items():
-            if name == "aggregator":
+            if name.startswith("aggregator"):
                 continue
             try:
                 codes[name] = process.wait(timeout=max(0.1, deadline - time.monotonic()))
@@ -121,7 +140,34 @@ class Federation:
         self.processes[name].wait()
 
     def close(self) -> None:
-        for process in self.processes.values():
+        for process in set(self.processes.values()):
             if process.poll() is None:
                 process.kill()
                 process.wait()
+
+
+def _rabbitmqctl(*args: str) -> str:
+    return subprocess.run(["rabbitmqctl", "-q", *args], capture_output=True, text=True, timeout=60,
+                          check=True).stdout
+
+
+def find_connections(url: str, connection_name: str) -> list[str]:
+    """The pids (as ``rabbitmqctl close_connection`` takes them) of the connections of the vhost
+    of ``url`` whose client-given name is ``connection_name``."""
+    vhost = pika.URLParameters(url).virtual_host
+    # The JSON listing has the client properties but not a pid close_connection accepts; the
+    # table has that pid. Both name the connection by its addresses.
+    pids = dict(reversed(line.split("\t", 1)) for line in
+                _rabbitmqctl("list_connections", "--no-table-headers", "pid", "name").splitlines() if "\t" in line)
+    found = []
+    for connection in json.loads(_rabbitmqctl("list_connections", "name", "vhost", "client_properties",
+                                              "--formatter", "json") or "[]"):
+        properties = {entry[0]: entry[2] for entry in connection["client_properties"]}
+        if connection["vhost"] == vhost and properties.get("connection_name") == connection_name:
+            found.append(pids[connection["name"]])
+    return found
+
+
+def close_connection(pid: str) -> None:
+    """Force-close one connection, as an operator would."""
+    _rabbitmqctl("close_connection", pid, "forced closed by a test")

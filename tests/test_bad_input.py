@@ -55,7 +55,7 @@ def test_bad_updates_control_and_inbox_messages_are_dead_lettered_and_the_run_fi
             m.encode(m.WeightUpdate("embedded-test", 1, "stranger", -1, 1, 0.5, 0.1, 1, nan_delta)),  # non-finite
             update(1, run_id="someone-elses-run"),                           # wrong-run
             update(9),                                                       # future-version
-            m.encode(m.WorkerHello("w", -1, "cpu")),                         # wrong kind on this queue
+            m.encode(m.WorkerHello("w", -1, "cpu", 0.0)),                       # wrong kind on this queue
         ]
         oversize = b"\x00" * (300 * 1024)  # one frame above the 256 KiB limit, sent unchunked
         for body in bad_updates:

@@ -43,11 +43,11 @@ def update(**overrides) -> m.WeightUpdate:
 
 
 ALL_MESSAGES = [
-    m.WorkerHello("w1", -1, "cpu"),
-    m.Heartbeat("w1", "run-a", "training", 2, 1, "cuda"),
-    m.WorkerGoodbye("w1", "run-a"),
+    m.WorkerHello("w1", -1, "cpu", 1.7e9),
+    m.Heartbeat("w1", "run-a", "training", 2, 1, "cuda", 1.7e9),
+    m.WorkerGoodbye("w1", "run-a", "refused", "model x is not trusted"),
     m.JoinAccepted("run-a", "w1", 3, TASK),
-    m.ModelBroadcast("run-a", 4, TRAINING, ("w1", "w2"), {"w": torch.randn(3, 3), "n": torch.tensor(5)}),
+    m.ModelBroadcast("run-a", 4, TRAINING, ("w1", "w2"), {"w": torch.randn(3, 3), "n": torch.tensor(5)}, 7, ("w2",)),
     m.RunComplete("run-a", 10, 0.98),
     update(),
 ]
@@ -139,7 +139,7 @@ def test_chunked_payload_reassembles_in_any_order():
 
 
 def test_a_small_payload_is_not_chunked():
-    payload = m.encode(m.WorkerHello("w", -1, "cpu"))
+    payload = m.encode(m.WorkerHello("w", -1, "cpu", 0.0))
     assert split_frames(payload, max_frame_bytes=64 * 1024) == [payload]
 
 

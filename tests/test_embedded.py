@@ -5,6 +5,7 @@ import json
 import torch
 from safetensors.torch import load_file
 
+from aggregator.checkpoint import CheckpointStore
 from fedmq.broker.memory import MemoryHub
 from fedmq.settings import DataSettings, EmbeddedSettings, RunSettings, Settings, WorkerSettings, BrokerSettings
 from fedmq.task import build_model
@@ -48,8 +49,9 @@ def test_a_finished_run_resumes_from_its_checkpoint_and_goes_further(data_root, 
     more = []
     second = run_embedded(embedded_settings(data_root, tmp_path, versions=2), on_version=more.append)
     assert [r.version for r in more] == [2] and second.final_version == 2
-    saved = json.loads((second.output_dir / "state.json").read_text())
-    assert saved["version"] == 2 and sorted(saved["partition_table"].values()) == [0, 1, 2]
+    saved = CheckpointStore(second.output_dir).load("embedded-test")
+    assert saved.version == 2 and sorted(saved.partition_table.values()) == [0, 1, 2]
+    assert {key[1] for key in saved.folded} == {1} and len(saved.folded) == 3  # version 1's updates
 
 
 def test_the_run_stops_early_at_the_target_accuracy(data_root, tmp_path):

@@ -166,34 +166,37 @@ def test_publish_retries_across_a_forced_close(rabbitmq_url: str, unique_name: s
         broker.close()
 
 
-def test_heartbeats_are_serviced_inside_run_for(rabbitmq_url: str, unique_name: str, names) -> None:
-    """With a 2 s heartbeat, 8 s of run_for calls keep both connections alive under CPU load."""
+def test_a_backlog_of_slow_handlers_still_reads_the_sockets(rabbitmq_url: str, unique_name: str, names) -> None:
+    """Each run_for call runs one handler; a backlog of them must not keep the sockets unread,
+    or heartbeats go unanswered and the broker drops the connection mid-backlog. Checked by
+    the order of events, not by waiting for a heartbeat timeout."""
     broker = RabbitBroker(rabbitmq_url, connection_name=f"fedmq-test-{unique_name}", heartbeat_s=2)
-    stop = threading.Event()
+    events: list[str] = []
+    service = broker._service
 
-    def burn() -> None:  # training in another thread, competing for the GIL
-        x = 0
-        while not stop.is_set():
-            for i in range(10_000):
-                x += i * i
+    def spy(time_limit: float) -> None:
+        events.append("read")
+        service(time_limit)
 
-    burner = threading.Thread(target=burn, daemon=True)
-    burner.start()
     try:
         queue = temp_queue(names("queue", "q"))
         broker.declare_queue(queue)
-        got: list[Delivery] = []
-        broker.subscribe(queue.name, got.append, prefetch=1)
-        deadline = time.monotonic() + 8.0
-        while time.monotonic() < deadline:
-            broker.run_for(0.5)
-        assert broker.reconnects == 0, "a connection died despite run_for servicing heartbeats"
-        broker.publish("", queue.name, b"alive")
-        assert pump(broker, lambda: len(got) == 1)
+        for i in range(6):
+            broker.publish("", queue.name, b"%d" % i)
+
+        def slow(delivery: Delivery) -> None:
+            events.append("handle")
+            time.sleep(broker._slice_s * 1.5)  # longer than a slice, like a large update's decode
+            broker.ack(delivery)
+
+        broker.subscribe(queue.name, slow, prefetch=0)  # all six arrive in one read: a backlog
+        broker._service = spy  # type: ignore[method-assign]
+        assert pump(broker, lambda: events.count("handle") == 6)
+        handled = [i for i, e in enumerate(events) if e == "handle"]
+        for first, second in zip(handled, handled[1:]):
+            assert "read" in events[first + 1:second], events
         assert broker.reconnects == 0
     finally:
-        stop.set()
-        burner.join()
         broker.close()
 
 

@@ -63,3 +63,34 @@ def test_log_level_defaults_to_warnings_for_the_embedded_mode_only():
     assert parse(["aggregator"]).log_level == "INFO"
     assert parse(["--log-level", "debug", "run"]).log_level == "DEBUG"
     assert parse(["run"], {"FEDMQ_LOG_LEVEL": "INFO"}).log_level == "INFO"
+
+
+def test_each_service_takes_only_its_own_torch_threads():
+    from fedmq_cli.__main__ import torch_threads
+
+    environ = {"FEDMQ_THREADS": "1", "FEDMQ_EVAL_THREADS": "0"}  # one environment for every container
+    assert torch_threads("aggregator", parse(["aggregator"], environ)) == 0
+    assert torch_threads("worker", parse(["worker"], environ)) == 1
+    assert torch_threads("aggregator", parse(["aggregator", "--eval-threads", "3"], environ)) == 3
+    assert torch_threads("run", parse(["run"], {"FEDMQ_EVAL_THREADS": "2"})) == 2
+
+
+def test_the_aggregators_default_run_id_is_fixed_so_a_restart_resumes_and_fedmq_run_is_a_new_run():
+    from fedmq.settings import DEFAULT_RUN_ID
+    from fedmq_cli.embedded import as_embedded
+
+    first, second = parse(["aggregator"]), parse(["aggregator"])
+    assert first.run.run_id == second.run.run_id == "" and DEFAULT_RUN_ID == "default"
+    assert as_embedded(parse(["run"])).run.run_id.startswith("run-")
+    assert as_embedded(parse(["run", "--run-id", "mine"])).run.run_id == "mine"
+
+
+def test_default_partitions_give_scaled_workers_distinct_data():
+    from aggregator.registry import WorkerRegistry
+
+    run = parse(["aggregator"]).run
+    assert run.partition_count == 10 and parse(["aggregator", "--start-workers", "16"]).run.partition_count == 16
+    assert parse(["aggregator", "--num-partitions", "3"]).run.partition_count == 3
+    # `docker compose up --scale worker=8` with the defaults: eight workers, eight partitions.
+    registry = WorkerRegistry(run.partition_count, run.worker_timeout_s)
+    assert sorted(registry.join(f"worker-{i}", -1, 0.0).partition for i in range(8)) == list(range(8))

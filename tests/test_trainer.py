@@ -74,13 +74,18 @@ def test_a_worker_refuses_a_model_it_does_not_trust():
     assert trusting._task is not None
 
 
-def test_device_choice():
+def test_device_choice(monkeypatch):
     import pytest
 
     from fedmq.device import DeviceUnavailable, resolve_device
 
     assert resolve_device("cpu").type == "cpu"
-    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
-    if not torch.cuda.is_available():
-        with pytest.raises(DeviceUnavailable, match="no CUDA device"):
-            resolve_device("cuda")
+    # What "auto" picks follows what CUDA reports, and the device it returns is one to compute on.
+    auto = resolve_device("auto")
+    assert (build_model("fedavg-2nn", seed=0).to(auto)(torch.zeros(2, 1, 28, 28, device=auto))).device.type == auto.type
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto").type == "cpu"
+    with pytest.raises(DeviceUnavailable, match="no CUDA device"):
+        resolve_device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto").type == "cuda"

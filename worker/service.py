@@ -28,10 +28,12 @@ from fedmq.messages import (Heartbeat, JoinAccepted, ModelBroadcast, RunComplete
                             WorkerGoodbye, WorkerHello, encode)
 from fedmq.settings import Settings
 from fedmq.task import BUILTIN_MODELS, build_model, forget_cached_splits, load_split, make_partitions
+from fedmq.tensor_codec import encoded_size_bound
 from fedmq.topology import CONTROL_QUEUE, DEFAULT_EXCHANGE, STATIC_TOPOLOGY, UPDATES_QUEUE, inbox_queue, inbox_topology
 from fedmq.transport import Transport
-from worker.trainer import train_locally
+from worker.trainer import train_locally, training_seed, weights_mismatch
 from worker.training_slots import TrainingSlots
+from worker.update_outbox import UpdateOutbox
 
 log = logging.getLogger(__name__)
 
@@ -75,9 +77,15 @@ class Worker:
         self._task: TaskSpec | None = None
         self._partition = -1
         self._latest: ModelBroadcast | None = None
-        self._trained: tuple[str, int] = ("", -1)  # (run id, version) last trained
+        self._trained: tuple[str, int, int] = ("", -1, 0)  # (run id, version, attempt) last trained
         self._data: _LocalData | None = None
         self._state = "joining"
+        self._sending: tuple[str, int, int] | None = None  # trained, handed to the outbox, unconfirmed
+        #: Why the worker stopped if it did not finish or leave on request; run() then returns
+        #: and ``fedmq worker`` exits non-zero so that a restart policy restarts it.
+        self.failure: str | None = None
+        self._goodbye = ("leaving", "", "")  # (reason, detail, run id) said when run() returns
+        self._outbox = UpdateOutbox(lambda body: self.transport.send(DEFAULT_EXCHANGE, UPDATES_QUEUE, body))
 
     # -- connection thread ----------------------------------------------------------------------
     def run(self) -> int:
@@ -89,7 +97,8 @@ class Worker:
         # unlimited prefetch cannot deadlock chunk reassembly or trip the consumer timeout.
         self.broker.subscribe(inbox_queue(self.worker_id).name, self._on_inbox, prefetch=0)
         self.transport.send(DEFAULT_EXCHANGE, CONTROL_QUEUE,
-                            WorkerHello(self.worker_id, self.cfg.partition, self.device.type), ttl_s=self._control_ttl_s)
+                            WorkerHello(self.worker_id, self.cfg.partition, self.device.type, time.time()),
+                            ttl_s=self._control_ttl_s)
         log.info("worker %s on %s: hello sent, waiting for the aggregator", self.worker_id, self.device)
         trainer = threading.Thread(target=self._training_loop, name=f"train-{self.worker_id}", daemon=True)
         trainer.start()
@@ -97,6 +106,8 @@ class Worker:
         try:
             while not self._stopping.is_set():
                 self.broker.run_for(0.5)
+                if self._outbox.pending is not None:
+                    self._flush_outbox()
                 if self.clock() >= next_beat:
                     self._send_heartbeat()
                     next_beat = self.clock() + self.cfg.heartbeat_interval_s
@@ -105,9 +116,12 @@ class Worker:
             with self._cond:
                 self._cond.notify_all()
             trainer.join(timeout=60)
+            self._outbox.drop("the worker is stopping")
             if not self._done:
+                reason, detail, run_id = self._goodbye
                 try:
-                    self.transport.send(DEFAULT_EXCHANGE, CONTROL_QUEUE, WorkerGoodbye(self.worker_id, self._run_id),
+                    self.transport.send(DEFAULT_EXCHANGE, CONTROL_QUEUE,
+                                        WorkerGoodbye(self.worker_id, run_id or self._run_id, reason, detail),
                                         persistent=False, ttl_s=self._control_ttl_s)
                 except BrokerError as exc:
                     log.warning("worker %s: goodbye not sent: %s", self.worker_id, exc)
@@ -125,10 +139,16 @@ class Worker:
         with self._cond:
             self._cond.notify_all()
 
+    def _fail(self, reason: str, detail: str, run_id: str = "") -> None:
+        """Stop for good: say why in the goodbye (``failed`` or ``refused``) and exit non-zero."""
+        self.failure = f"{reason}: {detail}"
+        self._goodbye = (reason, detail, run_id)
+        self.stop()
+
     def _send_heartbeat(self) -> None:
         with self._cond:
             beat = Heartbeat(self.worker_id, self._run_id, self._state, self._trained[1], self._partition,
-                             self.device.type)
+                             self.device.type, time.time())
         self.transport.send(DEFAULT_EXCHANGE, CONTROL_QUEUE, beat, persistent=False, ttl_s=self._control_ttl_s)
 
     def _on_inbox(self, delivery: Delivery) -> None:
@@ -159,8 +179,10 @@ class Worker:
 
     def _on_join(self, join: JoinAccepted) -> None:
         if not self._model_allowed(join.task.model):
-            log.error("worker %s: run %s asks for model %r, which this worker does not trust; "
-                      "add it to --trusted-models to allow it", self.worker_id, join.run_id, join.task.model)
+            detail = (f"run {join.run_id} asks for model {join.task.model!r}, which this worker does not trust; "
+                      "add it to --trusted-models (FEDMQ_TRUSTED_MODELS) to allow it")
+            log.error("worker %s: %s", self.worker_id, detail)
+            self._fail("refused", detail, join.run_id)
             return
         with self._cond:
             if (join.run_id, join.task, join.partition_index) == (self._run_id, self._task, self._partition):
@@ -198,14 +220,28 @@ class Worker:
                 self._run_id, self._latest, self._state = "", None, "joining"
             self._cond.notify_all()
 
-    def _publish_update(self, body: bytes, version: int) -> None:
-        try:
-            size = self.transport.send(DEFAULT_EXCHANGE, UPDATES_QUEUE, body)
-        except BrokerError as exc:
-            log.error("worker %s: update for version %d not sent: %s", self.worker_id, version, exc)
+    def _queue_update(self, key: tuple[str, int, int], body: bytes) -> None:
+        self._outbox.put(key, body)
+        self._flush_outbox()
+
+    def _flush_outbox(self) -> None:
+        """Send the pending update if its time has come; it counts as trained once confirmed."""
+        pending = self._outbox.pending
+        if pending is not None and pending.key[0] != self._run_id:
+            self._outbox.drop(f"run {pending.key[0]} is over")
+            with self._cond:
+                self._sending = None
+                self._cond.notify_all()
             return
+        sent = self._outbox.flush(self.clock())
+        if sent is None:
+            return
+        key, size = sent
+        with self._cond:
+            self._trained, self._sending = key, None
+            self._cond.notify_all()
         self.updates_sent += 1
-        log.info("worker %s: update for version %d sent (%.2f MB)", self.worker_id, version, size / 1e6)
+        log.info("worker %s: update for version %d sent (%.2f MB)", self.worker_id, key[1], size / 1e6)
         self._send_heartbeat()
 
     # -- training thread ------------------------------------------------------------------------
@@ -215,9 +251,12 @@ class Worker:
             return None
         if self._data.key != (self._task, self._partition):
             return None
-        if self._trained == (model.run_id, model.version) or (
-                self._trained[0] == model.run_id and self._trained[1] > model.version):
-            return None
+        if self._sending is not None:
+            return None  # the last update is not confirmed yet: send it before training more
+        run_id, version, attempt = self._trained
+        if run_id == model.run_id and (version > model.version or (
+                version == model.version and (attempt == model.attempt or not model.asks_again(self.worker_id)))):
+            return None  # trained already, and not asked again (see ModelBroadcast.attempt)
         if model.selected and self.worker_id not in model.selected:
             return None
         return model
@@ -240,9 +279,9 @@ class Worker:
                     self._load(*key)
                     continue
                 self._train(model)
-        except Exception:
+        except Exception as exc:
             log.exception("worker %s: training thread failed; stopping", self.worker_id)
-            self.stop()
+            self._fail("failed", f"training thread: {type(exc).__name__}: {exc}"[:1000])
 
     def _load(self, task: TaskSpec, partition: int) -> None:
         data = self.settings.data
@@ -255,6 +294,9 @@ class Worker:
         del split
         forget_cached_splits()  # keep only this worker's partition in memory
         model = build_model(task.model).to(self.device)
+        # Broadcasts are reassembled in memory: bound them by what this model can encode to.
+        limit = encoded_size_bound(model.state_dict())
+        self.broker.call_threadsafe(lambda: self.transport.bound_messages(limit, 2 * limit))
         loaded = _LocalData((task, partition), local.images.to(self.device), local.labels.to(self.device), model)
         with self._cond:
             self._data = loaded
@@ -273,7 +315,16 @@ class Worker:
         assert data is not None
         with self._cond:
             self._state = "training"
-        seed = (data.key[0].seed * 1_000_003 + model.version * 1009 + data.key[1]) % (2**63)
+        mismatch = weights_mismatch(data.model.state_dict(), model.weights)
+        if mismatch:
+            log.error("worker %s: version %d of run %s refused: its tensors do not match the run's model %s (%s); "
+                      "not training on it", self.worker_id, model.version, model.run_id, data.key[0].model, mismatch)
+            with self._cond:
+                self._state = "idle"
+                if self._latest is model:
+                    self._latest = None  # wait for the next broadcast
+            return
+        seed = training_seed(data.key[0].seed, model.version, data.key[1], self.worker_id)
         superseded = lambda: self._newer_model_waiting(model.version, model.run_id)  # noqa: E731
         with self.slots.hold(give_up=superseded) as granted:
             if not granted:
@@ -288,10 +339,11 @@ class Worker:
                 log.info("worker %s: training of version %d abandoned after %d steps: a newer model arrived",
                          self.worker_id, model.version, result.steps)
                 return
-            self._trained = (model.run_id, model.version)
+            key = (model.run_id, model.version, model.attempt)
+            self._sending = key
         update = WeightUpdate(model.run_id, model.version, self.worker_id, data.key[1], result.num_samples,
                               result.train_loss, result.seconds, result.steps, result.delta)
         body = encode(update)  # encoded here, off the connection thread
         log.info("worker %s: version %d trained, %d steps, loss %.4f, %.1f s", self.worker_id, model.version,
                  result.steps, result.train_loss, result.seconds)
-        self.broker.call_threadsafe(lambda: self._publish_update(body, model.version))
+        self.broker.call_threadsafe(lambda: self._queue_update(key, body))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+import zlib
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
@@ -81,3 +82,22 @@ def train_locally(model: torch.nn.Module, weights: Mapping[str, torch.Tensor], i
     delta = {name: trained[name].detach().to("cpu") - w for name, w in weights.items()}
     return TrainResult(delta, n, float(loss_sum) / max(1, loss_count), steps,
                        time.perf_counter() - started, completed)
+
+
+def training_seed(task_seed: int, version: int, partition: int, worker_id: str) -> int:
+    """The seed of one worker's local training of one version. It depends on the worker id so
+    that two workers sharing a partition do not send the same update twice (double weight)."""
+    return (task_seed * 1_000_003 + version * 1009 + partition + zlib.crc32(worker_id.encode()) * 7919) % (2**63)
+
+
+def weights_mismatch(template: Mapping[str, torch.Tensor], weights: Mapping[str, torch.Tensor]) -> str:
+    """What differs between a broadcast's tensors and the model's (names, shapes, dtypes); "" if
+    nothing does."""
+    if weights.keys() != template.keys():
+        missing, extra = sorted(set(template) - set(weights))[:3], sorted(set(weights) - set(template))[:3]
+        return f"missing {missing}, unexpected {extra}"
+    for name, reference in template.items():
+        got = weights[name]
+        if got.shape != reference.shape or got.dtype != reference.dtype:
+            return f"{name}: {tuple(got.shape)} {got.dtype}, the model has {tuple(reference.shape)} {reference.dtype}"
+    return ""

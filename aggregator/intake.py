@@ -1,0 +1,170 @@
+"""Weight updates in: decide from the header, then fold, hold, acknowledge or dead-letter.
+
+The order of the checks is the point: the cheap ones (run, version, duplicate, selection) run on
+the header alone (:func:`fedmq.messages.peek_update`), so a backlog of stale or duplicate
+updates costs neither the CPU nor the memory of decoding their tensors. Only an update that will
+be folded is decoded, then checked against the model (:func:`check_update`).
+
+What each outcome does with the deliveries:
+- fold: fold into the round; hold the deliveries (bodies dropped) until the next checkpoint;
+- duplicate: fold nothing; hold this newest copy instead of the older one, acknowledging the
+  older (its tags may be void after a reconnection; this copy keeps the update in the broker);
+- stale or unselected: acknowledge at once, count it;
+- invalid: dead-letter with the reason, count it.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import math
+from dataclasses import dataclass
+from typing import AbstractSet, Mapping
+
+import torch
+
+from aggregator.checkpoint import UpdateKey
+from aggregator.fedavg import check_compatible
+from aggregator.rounds import OpenRound
+from fedmq.broker.base import Broker
+from fedmq.errors import InvalidMessage
+from fedmq.messages import UpdateHeader, WeightUpdate, peek_update
+from fedmq.transport import ReceivedBytes, Transport
+
+log = logging.getLogger(__name__)
+
+
+class Action(enum.Enum):
+    FOLD = "fold"  # decode, check and fold it into the open version
+    DUPLICATE = "duplicate"  # already folded: keep the delivery to acknowledge with the checkpoint
+    STALE = "stale"  # its version is closed (or it is already in the checkpoint): acknowledge, drop
+    UNSELECTED = "unselected"  # the version named other workers: acknowledge, drop
+    DEAD_LETTER = "dead-letter"  # invalid here: dead-letter with ``reason``
+
+
+@dataclass(frozen=True)
+class Verdict:
+    action: Action
+    reason: str = ""
+    detail: str = ""
+
+
+def classify_update(header: UpdateHeader, *, run_id: str, version: int, round_: OpenRound | None,
+                    checkpointed: AbstractSet[UpdateKey], num_partitions: int) -> Verdict:
+    """The verdict on an update for a run at ``version`` whose open round is ``round_``.
+
+    ``checkpointed`` are the keys of updates already folded into the last checkpoint (they come
+    back when the aggregator died between writing it and acknowledging them).
+    """
+    if header.run_id != run_id:
+        return Verdict(Action.DEAD_LETTER, "wrong-run", f"update of run {header.run_id!r}, this is {run_id!r}")
+    if not -1 <= header.partition < num_partitions:
+        return Verdict(Action.DEAD_LETTER, "bounds",
+                       f"from {header.worker_id}: partition {header.partition}, the run has {num_partitions}")
+    if header.key in checkpointed or header.base_version < version:
+        return Verdict(Action.STALE)
+    if round_ is None or header.base_version > round_.version:
+        return Verdict(Action.DEAD_LETTER, "future-version",
+                       f"update for version {header.base_version}, open version is "
+                       f"{round_.version if round_ else 'none'}")
+    if round_.selected and header.worker_id not in round_.selected:
+        return Verdict(Action.UNSELECTED)
+    if header.worker_id in round_.folded:
+        return Verdict(Action.DUPLICATE)
+    return Verdict(Action.FOLD)
+
+
+def check_update(update: WeightUpdate, template: Mapping[str, torch.Tensor]) -> None:
+    """InvalidMessage unless the decoded update fits the model (names, shapes, dtypes)."""
+    try:
+        check_compatible(template, update.delta)
+    except InvalidMessage as exc:
+        raise InvalidMessage(exc.reason, f"from {update.worker_id}: {exc.detail}") from None
+
+
+class UpdateIntake:
+    """Takes each whole update (:class:`ReceivedBytes`) and acts on its verdict.
+
+    ``update_bytes`` bounds one encoded update, ``max_frame_bytes`` one AMQP message: together
+    they say how many deliveries (chunks) one update takes.
+    """
+
+    def __init__(self, broker: Broker, transport: Transport, run_id: str, num_partitions: int, *,
+                 update_bytes: int, max_frame_bytes: int) -> None:
+        self.broker = broker
+        self.transport = transport
+        self.run_id = run_id
+        self.num_partitions = num_partitions
+        self.update_bytes = update_bytes
+        self.frames_per_update = 1 if update_bytes <= max_frame_bytes else math.ceil(
+            update_bytes / (max_frame_bytes - 1024))  # chunks leave room for their envelope
+
+    def prefetch_for(self, workers: int) -> int:
+        """The update prefetch (deliveries) for ``workers`` workers. Folded updates stay
+        unacknowledged until the next checkpoint, so the prefetch must hold one update of every
+        worker, all its frames, and room for as many again arriving (duplicates, the next
+        version's early ones), or the broker stops delivering before the quorum is in."""
+        return self.frames_per_update * (2 * workers + 4)
+
+    def take(self, raw: ReceivedBytes, round_: OpenRound | None, *, version: int,
+             checkpointed: AbstractSet[UpdateKey], template: Mapping[str, torch.Tensor]) -> None:
+        """Handle one update for a run at ``version`` (``round_`` its round, None once finished)."""
+        try:
+            header, update = peek_update(raw.data), None
+            if header is None:  # not laid out as fedmq writes updates: decode it whole
+                message = self.transport.decode(raw)
+                if not isinstance(message, WeightUpdate):
+                    raise InvalidMessage("schema", f"a {message.KIND} message on the update queue")
+                header, update = message.header, message
+        except InvalidMessage as exc:
+            self._dead_letter(raw, round_, exc.reason, exc.detail)
+            return
+        verdict = classify_update(header, run_id=self.run_id, version=version, round_=round_,
+                                  checkpointed=checkpointed, num_partitions=self.num_partitions)
+        if verdict.action is Action.DEAD_LETTER:
+            self._dead_letter(raw, round_, verdict.reason, verdict.detail)
+            return
+        if verdict.action in (Action.STALE, Action.UNSELECTED):
+            self._ack(raw.deliveries)
+            if round_ is not None:
+                round_.stale += 1
+                round_.bytes_up += raw.size
+            log.info("%s update from %s for version %d dropped (current %d)", verdict.action.value,
+                     header.worker_id, header.base_version, version)
+            return
+        assert round_ is not None
+        round_.bytes_up += raw.size
+        if verdict.action is Action.DUPLICATE:
+            self._ack(round_.hold(header.worker_id, raw.deliveries))
+            round_.duplicates += 1
+            log.info("version %d: duplicate update from %s ignored", round_.version, header.worker_id)
+            return
+        try:
+            if update is None:
+                message = self.transport.decode(raw)
+                assert isinstance(message, WeightUpdate)  # peek_update read its kind
+                update = message
+            check_update(update, template)
+        except InvalidMessage as exc:
+            self._dead_letter(raw, round_, exc.reason, exc.detail)
+            return
+        self._fold(round_, update, raw)
+
+    def _fold(self, round_: OpenRound, update: WeightUpdate, raw: ReceivedBytes) -> None:
+        round_.running.fold(update.delta, update.num_samples)
+        round_.folded.add(update.worker_id)
+        self._ack(round_.hold(update.worker_id, raw.deliveries))
+        round_.weighted_train_loss += update.train_loss * update.num_samples
+        log.info("version %d: update %d/%d from %s (%d samples, train loss %.4f, %.1f s)%s",
+                 round_.version, len(round_.folded), len(round_.expected), update.worker_id,
+                 update.num_samples, update.train_loss, update.train_seconds,
+                 "" if round_.is_open else " (redelivered; the version is not broadcast yet)")
+
+    def _ack(self, deliveries) -> None:
+        for d in deliveries:
+            self.broker.ack(d)
+
+    def _dead_letter(self, raw: ReceivedBytes, round_: OpenRound | None, reason: str, detail: str) -> None:
+        self.transport.dead_letter(raw.deliveries, reason, detail)
+        if round_ is not None:
+            round_.dead_lettered += 1
