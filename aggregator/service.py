@@ -92,6 +92,7 @@ class Aggregator:
         self.round: OpenRound | None = self._new_round(self.version)
         self.records: list[VersionRecord] = []
         self.finished = False
+        self._stop_requested = False
         self.last_accuracy = float("nan")
         self.refused_steps = 0
         self._handled = 0  # deliveries handled, to tell an idle broker slice from a busy one
@@ -122,13 +123,19 @@ class Aggregator:
                  self.task.partition_scheme, self.cfg.start_workers)
         if self.version >= self.cfg.versions:
             self._finish()
-        while not self.finished:
+        while not self.finished and not self._stop_requested:
             handled = self._handled
             self.broker.run_for(0.25)
             if self._handled == handled:
                 self.membership.caught_up(self.clock())
             self._tick()
         return RunResult(self.run_id, self.version, self.last_accuracy, self.store.directory, tuple(self.records))
+
+    def stop(self) -> None:
+        """Ask :meth:`run` to return after the event in hand (safe from a signal handler): the
+        checkpoint stays that of the last closed version, and the updates folded since were never
+        acknowledged, so the broker hands them to the aggregator that resumes the run."""
+        self._stop_requested = True
 
     def _tick(self) -> None:
         # Chunk sets that never complete are dropped whether or not a version is open.

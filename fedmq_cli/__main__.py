@@ -6,7 +6,7 @@ import argparse
 import logging
 import signal
 import sys
-from typing import Sequence
+from typing import Callable, Sequence
 
 from fedmq.errors import FedmqError
 from fedmq.settings import Settings, SettingsError, add_group, settings_from_args
@@ -55,6 +55,19 @@ def _configure(command: str, settings: Settings) -> None:
         torch.set_num_threads(threads)
 
 
+def _stop_on_signals(stop: Callable[[], None]) -> None:
+    """SIGTERM (`docker stop`) and SIGINT (Ctrl-C) ask a service to stop cleanly.
+
+    Needed in a container too: there fedmq is PID 1, which a signal without a handler never stops.
+    """
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop())
+
+
+def _exit_now() -> None:
+    raise SystemExit(0)
+
+
 def _serve_aggregator(settings: Settings) -> int:
     from aggregator.service import Aggregator
     from fedmq.broker.rabbitmq import RabbitBroker
@@ -63,7 +76,13 @@ def _serve_aggregator(settings: Settings) -> int:
                           heartbeat_s=settings.broker.broker_heartbeat_s,
                           max_message_bytes=settings.broker.max_frame_bytes)
     with broker:
-        result = Aggregator(settings, broker, on_version=lambda r: print(r.console_line(), flush=True)).run()
+        aggregator = Aggregator(settings, broker, on_version=lambda r: print(r.console_line(), flush=True))
+        _stop_on_signals(aggregator.stop)
+        result = aggregator.run()
+    if not aggregator.finished:
+        print(f"run {result.run_id}: stopped at version {result.final_version}; the same run id resumes it "
+              f"from {result.output_dir}", flush=True)
+        return 0
     print(f"run {result.run_id}: version {result.final_version}, test accuracy {result.test_accuracy:.4f}, "
           f"output in {result.output_dir}", flush=True)
     return 0
@@ -78,13 +97,10 @@ def _serve_worker(settings: Settings) -> int:
                           max_message_bytes=settings.broker.max_frame_bytes)
     with broker:
         worker = Worker(settings, broker)
-        # SIGTERM (docker stop) ends the worker cleanly: it says goodbye so the quorum stops
-        # counting on it at once instead of after the heartbeat timeout.
-        signal.signal(signal.SIGTERM, lambda *_: worker.stop())
-        try:
-            worker.run()
-        except KeyboardInterrupt:
-            worker.stop()
+        # A stopped worker says goodbye, so the quorum stops counting on it at once instead of
+        # after the heartbeat timeout.
+        _stop_on_signals(worker.stop)
+        worker.run()
     if worker.failure:
         print(f"fedmq worker {worker.worker_id}: {worker.failure}", file=sys.stderr, flush=True)
         return 1
@@ -109,6 +125,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = settings_from_args(args)
     except SettingsError as exc:
         parser.error(str(exc))
+    if args.command in ("aggregator", "worker"):
+        # Until the service is up and can stop cleanly, a stop signal just ends the process.
+        _stop_on_signals(_exit_now)
     _configure(args.command, settings)
     handlers = {"aggregator": _serve_aggregator, "worker": _serve_worker, "run": _run_embedded}
     try:

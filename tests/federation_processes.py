@@ -139,6 +139,15 @@ class Federation:
         self.processes[name].send_signal(signal.SIGKILL)
         self.processes[name].wait()
 
+    def terminate(self, name: str, timeout_s: float = 60) -> int:
+        """SIGTERM (what `docker stop` sends); returns the exit code."""
+        self.processes[name].send_signal(signal.SIGTERM)
+        try:
+            return self.processes[name].wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"{name} still running {timeout_s} s after SIGTERM; log:\n"
+                                 f"{self.log(name)[-3000:]}") from None
+
     def close(self) -> None:
         for process in set(self.processes.values()):
             if process.poll() is None:

@@ -1,0 +1,114 @@
+"""The docker compose cluster on a real Docker engine: build, scale, stop, kill, results after `down`.
+
+A user's path through compose.yaml, with the stand-in base images (no registry here): build the
+image, `up -d --scale worker=3`, a small federation (2NN on real MNIST); `--scale worker=4`
+mid-run and the fourth worker contributes; `docker stop` one worker (SIGTERM: goodbye, exit 0)
+and `docker kill` another (no goodbye): the run still finishes; `down`, then the README's copy
+command finds the metrics and the final model in the results volume.
+
+Skipped without a Docker engine, except in CI (CI=true), where that is a failure.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+import uuid
+
+import pytest
+from safetensors.torch import load_file
+
+from compose_cluster import (ComposeProject, build_standin_images, engine_problem, in_ci, inspect, wait_exit)
+from conftest import shared_data_dir
+
+pytestmark = pytest.mark.cluster
+
+RUN_ID = "cluster-test"
+VERSIONS = 10
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    problem = engine_problem()
+    if problem:
+        if in_ci():
+            pytest.fail(f"{problem}; CI needs a Docker engine (.ci/run starts one)", pytrace=False)
+        pytest.skip(problem)
+    standin_s = build_standin_images()
+    project = ComposeProject(
+        f"fedmqtest{uuid.uuid4().hex[:8]}", "fedmq-cluster-test:latest",
+        FEDMQ_RUN_ID=RUN_ID, FEDMQ_MODEL="fedavg-2nn", FEDMQ_VERSIONS=VERSIONS, FEDMQ_DOWNLOAD="false",
+        FEDMQ_START_WORKERS=3, FEDMQ_NUM_PARTITIONS=4, FEDMQ_LOCAL_EPOCHS=1, FEDMQ_THREADS=1,
+        FEDMQ_EVAL_THREADS=1, FEDMQ_HEARTBEAT_INTERVAL_S=1, FEDMQ_WORKER_TIMEOUT_S=10, FEDMQ_ROUND_TIMEOUT_S=120)
+    started = time.monotonic()
+    project.compose("build", timeout=1800)
+    print(f"\ncluster: stand-in images {standin_s:.0f} s, `compose build` {time.monotonic() - started:.0f} s")
+    try:
+        yield project
+    finally:
+        project.compose("down", "-v", "--remove-orphans", check=False)
+
+
+def copy_data_into_volume(project: ComposeProject) -> None:
+    """Put the original MNIST files in the shared `data` volume (the cluster has no internet)."""
+    mnist = shared_data_dir() / "MNIST" / "raw"
+    project.compose("run", "--rm", "--no-deps", "-T", "-v", f"{mnist}:/mirror:ro", "--entrypoint", "sh",
+                    "aggregator", "-c", "mkdir -p /data/MNIST/raw && cp /mirror/*.gz /data/MNIST/raw/")
+
+
+def host_name(container: str) -> str:
+    return inspect(container, "{{.Config.Hostname}}")
+
+
+def test_compose_cluster_scales_survives_stop_and_kill_and_keeps_results_after_down(cluster, tmp_path):
+    started = time.monotonic()
+    copy_data_into_volume(cluster)
+    cluster.compose("up", "-d", "--scale", "worker=3")
+    first_three = cluster.container_ids("worker")
+    assert len(first_three) == 3
+    cluster.wait_until("version 1 with 3 workers", lambda: any(v == 1 for v, _ in cluster.versions()), 300)
+    assert cluster.versions()[0][1] == 3
+
+    cluster.compose("up", "-d", "--no-recreate", "--scale", "worker=4")
+    (fourth,) = set(cluster.container_ids("worker")) - set(first_three)
+    fourth_host = host_name(fourth)
+    # Its updates are logged as "version N: update k/m from <host name>-<pid>-<suffix>".
+    cluster.wait_until("the fourth worker's update", lambda: f"from {fourth_host}-" in cluster.logs("aggregator"), 240)
+
+    stopped, killed = first_three[0], first_three[1]
+    stopped_host, killed_host = host_name(stopped), host_name(killed)
+    subprocess.run(["docker", "stop", "-t", "30", stopped], check=True, capture_output=True)
+    assert inspect(stopped, "{{.State.ExitCode}}") == "0"  # SIGTERM to PID 1: goodbye, exit 0
+    subprocess.run(["docker", "kill", killed], check=True, capture_output=True)
+
+    aggregator = cluster.container_ids("aggregator")[0]
+    assert wait_exit(aggregator, 600) == 0, cluster.logs("aggregator")[-4000:]
+    log = cluster.logs("aggregator")
+    assert f"worker {stopped_host}-" in log and " left (" in log  # the goodbye arrived
+    assert f"{killed_host}-" in log and "considered dead" in log
+    versions = cluster.versions()
+    assert [v for v, _ in versions] == list(range(1, VERSIONS + 1)), versions
+    assert max(p for _, p in versions) == 4  # the fourth worker was counted in a version
+    assert f"run {RUN_ID}: version {VERSIONS}, test accuracy" in log
+    # Workers leave when the run completes: the fourth and the one never touched exit 0.
+    for container in (fourth, first_three[2]):
+        assert wait_exit(container, 60) == 0, container
+    federation_s = time.monotonic() - started
+
+    cluster.compose("down")  # keeps the volumes, as a user's `docker compose down` does
+    out = tmp_path / "runs"
+    out.mkdir()
+    # The README's copy command: tar from the results volume through a one-off container.
+    tar = cluster.compose("run", "--rm", "--no-deps", "-T", "--entrypoint", "tar", "aggregator", "-C", "/results",
+                          "-cf", "-", ".", text=False)
+    subprocess.run(["tar", "-xf", "-", "-C", str(out)], input=tar.stdout, check=True)
+    run_dir = out / RUN_ID
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["version"] for r in records] == list(range(1, VERSIONS + 1))
+    assert records[-1]["test_accuracy"] >= 0.9, [r["test_accuracy"] for r in records]
+    final = load_file(str(run_dir / "final_model.safetensors"))
+    assert {k: tuple(v.shape) for k, v in final.items()}["fc1.weight"] == (200, 784)
+    assert json.loads((run_dir / "state.json").read_text())["version"] == VERSIONS
+    print(f"cluster: federation {federation_s:.0f} s, {len(records)} versions, "
+          f"final accuracy {records[-1]['test_accuracy']:.4f}")
