@@ -81,6 +81,11 @@ class ComposeProject:
                                  f"{done.stderr[-3000:]!s}")
         return done
 
+    def as_user_typed(self, command_line: str) -> str:
+        """A shell line a user types (``docker compose ...``) aimed at this project."""
+        ours = " ".join([*compose_command(), "-p", self.name, "-f", str(REPO / "compose.yaml")])
+        return command_line.replace("docker compose ", ours + " ")
+
     def container_ids(self, service: str, *, all_states: bool = False) -> list[str]:
         """Full ids of the service's containers (running ones unless ``all_states``)."""
         done = subprocess.run(["docker", "ps", "-q", "--no-trunc", *(["-a"] if all_states else []),

@@ -15,6 +15,7 @@ import json
 import subprocess
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
@@ -24,6 +25,7 @@ from conftest import shared_data_dir
 
 pytestmark = pytest.mark.cluster
 
+README = Path(__file__).resolve().parent.parent / "README.md"
 RUN_ID = "cluster-test"
 VERSIONS = 10
 
@@ -63,18 +65,24 @@ def host_name(container: str) -> str:
 
 def test_compose_cluster_scales_survives_stop_and_kill_and_keeps_results_after_down(cluster, tmp_path):
     started = time.monotonic()
+
+    def phase(what: str) -> None:  # shown with -s: where the time goes
+        print(f"cluster: {time.monotonic() - started:5.1f} s  {what}", flush=True)
+
     copy_data_into_volume(cluster)
     cluster.compose("up", "-d", "--scale", "worker=3")
     first_three = cluster.container_ids("worker")
     assert len(first_three) == 3
     cluster.wait_until("version 1 with 3 workers", lambda: any(v == 1 for v, _ in cluster.versions()), 300)
     assert cluster.versions()[0][1] == 3
+    phase("version 1 closed by 3 workers")
 
     cluster.compose("up", "-d", "--no-recreate", "--scale", "worker=4")
     (fourth,) = set(cluster.container_ids("worker")) - set(first_three)
     fourth_host = host_name(fourth)
     # Its updates are logged as "version N: update k/m from <host name>-<pid>-<suffix>".
     cluster.wait_until("the fourth worker's update", lambda: f"from {fourth_host}-" in cluster.logs("aggregator"), 240)
+    phase(f"the fourth worker's update arrived (versions so far: {len(cluster.versions())})")
 
     stopped, killed = first_three[0], first_three[1]
     stopped_host, killed_host = host_name(stopped), host_name(killed)
@@ -82,6 +90,7 @@ def test_compose_cluster_scales_survives_stop_and_kill_and_keeps_results_after_d
     assert inspect(stopped, "{{.State.ExitCode}}") == "0"  # SIGTERM to PID 1: goodbye, exit 0
     subprocess.run(["docker", "kill", killed], check=True, capture_output=True)
 
+    phase("one worker stopped, one killed")
     aggregator = cluster.container_ids("aggregator")[0]
     assert wait_exit(aggregator, 600) == 0, cluster.logs("aggregator")[-4000:]
     log = cluster.logs("aggregator")
@@ -95,14 +104,14 @@ def test_compose_cluster_scales_survives_stop_and_kill_and_keeps_results_after_d
     for container in (fourth, first_three[2]):
         assert wait_exit(container, 60) == 0, container
     federation_s = time.monotonic() - started
+    phase("run complete")
 
     cluster.compose("down")  # keeps the volumes, as a user's `docker compose down` does
+    # The README's command that copies the results volume into ./runs, run as it is written.
+    (copy,) = [line for line in README.read_text().splitlines() if "--entrypoint tar aggregator" in line]
+    subprocess.run(["bash", "-c", "set -o pipefail; " + cluster.as_user_typed(copy)], cwd=tmp_path, env=cluster.env,
+                   check=True, timeout=300)
     out = tmp_path / "runs"
-    out.mkdir()
-    # The README's copy command: tar from the results volume through a one-off container.
-    tar = cluster.compose("run", "--rm", "--no-deps", "-T", "--entrypoint", "tar", "aggregator", "-C", "/results",
-                          "-cf", "-", ".", text=False)
-    subprocess.run(["tar", "-xf", "-", "-C", str(out)], input=tar.stdout, check=True)
     run_dir = out / RUN_ID
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["version"] for r in records] == list(range(1, VERSIONS + 1))
