@@ -3,8 +3,9 @@
 A user's path through compose.yaml, with the stand-in base images (no registry here): build the
 image, `up -d --scale worker=3`, a small federation (2NN on real MNIST); `--scale worker=4`
 mid-run and the fourth worker contributes; `docker stop` one worker (SIGTERM: goodbye, exit 0)
-and `docker kill` another (no goodbye): the run still finishes; `down`, then the README's copy
-command finds the metrics and the final model in the results volume.
+and `docker kill` another (no goodbye): versions go on without them; `docker stop` the
+aggregator and start it again: it resumes from its checkpoint and finishes the run; `down`,
+then the README's copy command finds the metrics and the final model in the results volume.
 
 Skipped without a Docker engine, except in CI (CI=true), where that is a failure.
 """
@@ -12,6 +13,7 @@ Skipped without a Docker engine, except in CI (CI=true), where that is a failure
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import time
 import uuid
@@ -20,14 +22,14 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from compose_cluster import (ComposeProject, build_standin_images, engine_problem, in_ci, inspect, wait_exit)
+from compose_cluster import (VERSION_LINE, ComposeProject, build_standin_images, engine_problem, in_ci, inspect,
+                             wait_exit)
 from conftest import shared_data_dir
 
 pytestmark = pytest.mark.cluster
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 RUN_ID = "cluster-test"
-VERSIONS = 10
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +42,7 @@ def cluster():
     standin_s = build_standin_images()
     project = ComposeProject(
         f"fedmqtest{uuid.uuid4().hex[:8]}", "fedmq-cluster-test:latest",
-        FEDMQ_RUN_ID=RUN_ID, FEDMQ_MODEL="fedavg-2nn", FEDMQ_VERSIONS=VERSIONS, FEDMQ_DOWNLOAD="false",
+        FEDMQ_RUN_ID=RUN_ID, FEDMQ_MODEL="fedavg-2nn", FEDMQ_DOWNLOAD="false",
         FEDMQ_START_WORKERS=3, FEDMQ_NUM_PARTITIONS=4, FEDMQ_LOCAL_EPOCHS=1, FEDMQ_THREADS=1,
         FEDMQ_EVAL_THREADS=1, FEDMQ_HEARTBEAT_INTERVAL_S=1, FEDMQ_WORKER_TIMEOUT_S=10, FEDMQ_ROUND_TIMEOUT_S=120)
     started = time.monotonic()
@@ -70,6 +72,9 @@ def test_compose_cluster_scales_survives_stop_and_kill_and_keeps_results_after_d
         print(f"cluster: {time.monotonic() - started:5.1f} s  {what}", flush=True)
 
     copy_data_into_volume(cluster)
+    # A run far longer than the test needs: nothing below races its end. The test ends it by
+    # giving the resumed aggregator a nearer last version.
+    cluster.env["FEDMQ_VERSIONS"] = "200"
     cluster.compose("up", "-d", "--scale", "worker=3")
     first_three = cluster.container_ids("worker")
     assert len(first_three) == 3
@@ -88,36 +93,50 @@ def test_compose_cluster_scales_survives_stop_and_kill_and_keeps_results_after_d
     stopped_host, killed_host = host_name(stopped), host_name(killed)
     subprocess.run(["docker", "stop", "-t", "30", stopped], check=True, capture_output=True)
     assert inspect(stopped, "{{.State.ExitCode}}") == "0"  # SIGTERM to PID 1: goodbye, exit 0
+    cluster.wait_until("the goodbye", lambda: re.search(rf"worker {stopped_host}-\S+ left", cluster.logs("aggregator")), 60)
     subprocess.run(["docker", "kill", killed], check=True, capture_output=True)
+    cluster.wait_until("the killed worker dropped", lambda: re.search(
+        rf"worker {killed_host}-\S+ silent for over \d+ s: considered dead", cluster.logs("aggregator")), 120)
+    after_kill = len(cluster.versions())
+    cluster.wait_until("a version without the two", lambda: len(cluster.versions()) > after_kill, 120)
+    phase(f"one worker stopped, one killed; versions go on ({len(cluster.versions())} so far)")
 
-    phase("one worker stopped, one killed")
+    # `docker stop` the aggregator (SIGTERM to PID 1: exit 0, not the SIGKILL after the grace
+    # period), then start it again with a nearer last version: it resumes from its checkpoint.
     aggregator = cluster.container_ids("aggregator")[0]
-    assert wait_exit(aggregator, 600) == 0, cluster.logs("aggregator")[-4000:]
+    subprocess.run(["docker", "stop", "-t", "30", aggregator], check=True, capture_output=True)
+    assert inspect(aggregator, "{{.State.ExitCode}}") == "0"
+    first_log = cluster.logs("aggregator")
+    stopped_at = len(cluster.versions())
+    final_version = stopped_at + 2
+    cluster.env["FEDMQ_VERSIONS"] = str(final_version)
+    cluster.compose("up", "-d", "--no-deps", "aggregator")
+    (aggregator,) = cluster.container_ids("aggregator")
+    assert wait_exit(aggregator, 300) == 0, cluster.logs("aggregator")[-4000:]
     log = cluster.logs("aggregator")
-    assert f"worker {stopped_host}-" in log and " left (" in log  # the goodbye arrived
-    assert f"{killed_host}-" in log and "considered dead" in log
-    versions = cluster.versions()
-    assert [v for v, _ in versions] == list(range(1, VERSIONS + 1)), versions
-    assert max(p for _, p in versions) == 4  # the fourth worker was counted in a version
-    assert f"run {RUN_ID}: version {VERSIONS}, test accuracy" in log
-    # Workers leave when the run completes: the fourth and the one never touched exit 0.
+    assert f"resuming from the checkpoint of version {stopped_at}" in log
+    assert f"run {RUN_ID}: version {final_version}, test accuracy" in log
+    versions = VERSION_LINE.findall(first_log + log)
+    assert [int(v) for v, *_ in versions] == list(range(1, final_version + 1)), versions
+    assert max(int(p) for _, p, *_ in versions) == 4  # the fourth worker was counted in a version
+    # Workers leave when the run completes: the fourth and the one never touched exit 0; the
+    # killed one stays down (`docker kill` is not a failure the restart policy restarts).
     for container in (fourth, first_three[2]):
         assert wait_exit(container, 60) == 0, container
-    federation_s = time.monotonic() - started
-    phase("run complete")
+    assert inspect(killed, "{{.State.ExitCode}}") == "137"
+    phase(f"aggregator stopped at version {stopped_at}, resumed, run complete at version {final_version}")
 
     cluster.compose("down")  # keeps the volumes, as a user's `docker compose down` does
     # The README's command that copies the results volume into ./runs, run as it is written.
     (copy,) = [line for line in README.read_text().splitlines() if "--entrypoint tar aggregator" in line]
     subprocess.run(["bash", "-c", "set -o pipefail; " + cluster.as_user_typed(copy)], cwd=tmp_path, env=cluster.env,
                    check=True, timeout=300)
-    out = tmp_path / "runs"
-    run_dir = out / RUN_ID
+    run_dir = tmp_path / "runs" / RUN_ID
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["version"] for r in records] == list(range(1, VERSIONS + 1))
+    assert [r["version"] for r in records] == list(range(1, final_version + 1))
     assert records[-1]["test_accuracy"] >= 0.9, [r["test_accuracy"] for r in records]
     final = load_file(str(run_dir / "final_model.safetensors"))
     assert {k: tuple(v.shape) for k, v in final.items()}["fc1.weight"] == (200, 784)
-    assert json.loads((run_dir / "state.json").read_text())["version"] == VERSIONS
-    print(f"cluster: federation {federation_s:.0f} s, {len(records)} versions, "
-          f"final accuracy {records[-1]['test_accuracy']:.4f}")
+    assert json.loads((run_dir / "state.json").read_text())["version"] == final_version
+    phase(f"results copied out after `down`: {len(records)} versions, final accuracy "
+          f"{records[-1]['test_accuracy']:.4f}")
