@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
+from aggregator.checkpoint import CheckpointStore
 from compose_cluster import (VERSION_LINE, ComposeProject, build_standin_images, engine_problem, in_ci, inspect,
                              wait_exit)
 from conftest import shared_data_dir
@@ -137,6 +138,6 @@ def test_compose_cluster_scales_survives_stop_and_kill_and_keeps_results_after_d
     assert records[-1]["test_accuracy"] >= 0.9, [r["test_accuracy"] for r in records]
     final = load_file(str(run_dir / "final_model.safetensors"))
     assert {k: tuple(v.shape) for k, v in final.items()}["fc1.weight"] == (200, 784)
-    assert json.loads((run_dir / "state.json").read_text())["version"] == final_version
+    assert CheckpointStore(run_dir).load(RUN_ID).version == final_version
     phase(f"results copied out after `down`: {len(records)} versions, final accuracy "
           f"{records[-1]['test_accuracy']:.4f}")
