@@ -52,6 +52,10 @@ class BrokerSettings:
     broker_url: str = setting("amqp://guest:guest@127.0.0.1:5672/%2F", "RabbitMQ URL, amqp://user:password@host:port/vhost")
     broker_heartbeat_s: int = setting(30, "AMQP heartbeat in seconds (the broker drops a silent connection after two)")
     max_frame_bytes: int = setting(8 * 1024 * 1024, "largest AMQP message in bytes; larger payloads travel as chunks")
+    broker_ca_file: str = setting("", "PEM file of the CA that signed the broker's TLS certificate (amqps:// URLs; "
+                                      "empty: the system's CAs)")
+    broker_cert_file: str = setting("", "PEM file of this client's TLS certificate, for brokers that ask for one")
+    broker_key_file: str = setting("", "PEM file of the key of --broker-cert-file (empty: it is in that file)")
 
 
 @dataclass(frozen=True)

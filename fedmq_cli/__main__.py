@@ -68,13 +68,20 @@ def _exit_now() -> None:
     raise SystemExit(0)
 
 
+def _tls_files(settings: Settings):
+    from fedmq.broker.rabbitmq_tls import TlsFiles
+
+    b = settings.broker
+    return TlsFiles(b.broker_ca_file, b.broker_cert_file, b.broker_key_file)
+
+
 def _serve_aggregator(settings: Settings) -> int:
     from aggregator.service import Aggregator
     from fedmq.broker.rabbitmq import RabbitBroker
 
     broker = RabbitBroker(settings.broker.broker_url, connection_name="fedmq-aggregator",
                           heartbeat_s=settings.broker.broker_heartbeat_s,
-                          max_message_bytes=settings.broker.max_frame_bytes)
+                          max_message_bytes=settings.broker.max_frame_bytes, tls=_tls_files(settings))
     with broker:
         aggregator = Aggregator(settings, broker, on_version=lambda r: print(r.console_line(), flush=True))
         _stop_on_signals(aggregator.stop)
@@ -94,7 +101,7 @@ def _serve_worker(settings: Settings) -> int:
 
     broker = RabbitBroker(settings.broker.broker_url, connection_name="fedmq-worker",
                           heartbeat_s=settings.broker.broker_heartbeat_s,
-                          max_message_bytes=settings.broker.max_frame_bytes)
+                          max_message_bytes=settings.broker.max_frame_bytes, tls=_tls_files(settings))
     with broker:
         worker = Worker(settings, broker)
         # A stopped worker says goodbye, so the quorum stops counting on it at once instead of

@@ -36,6 +36,7 @@ import pika
 
 from fedmq.broker.base import Delivery, DeliveryHandler
 from fedmq.broker.rabbitmq_errors import PIKA_ERRORS, config_error, describe
+from fedmq.broker.rabbitmq_tls import TlsFiles, client_context, tls_refusal
 from fedmq.errors import BrokerConfigError, BrokerUnavailable
 from fedmq.topology import BindingSpec, ExchangeSpec, QueueSpec
 
@@ -85,8 +86,10 @@ class RabbitConnections:
         reconnect_initial_s: float = 0.5,
         reconnect_max_s: float = 15.0,
         connect_attempts: int = 0,
+        tls: TlsFiles = TlsFiles(),
     ) -> None:
         self._url = url
+        self._tls = tls
         self.connection_name = connection_name
         self._heartbeat_s = int(heartbeat_s)
         self._blocked_timeout_s = float(blocked_timeout_s)
@@ -149,6 +152,13 @@ class RabbitConnections:
         params.retry_delay = 0
         # Shows up in the management UI and `rabbitmqctl list_connections client_properties`.
         params.client_properties = {"connection_name": f"{self.connection_name}/{role}"}
+        if self._url.lower().startswith("amqps://"):
+            # Our own context, not pika's default: the broker is verified against the CA given
+            # (certificate chain and host name), and a client certificate is presented if given.
+            params.ssl_options = pika.SSLOptions(client_context(self._tls), server_hostname=params.host)
+        elif self._tls.given:
+            raise BrokerConfigError("TLS files are given (--broker-ca-file, --broker-cert-file, --broker-key-file) "
+                                    "but the broker URL is not amqps://")
         return params
 
     def _check_open(self) -> None:
@@ -196,9 +206,9 @@ class RabbitConnections:
                 # OSError: pika resolves the host name itself and lets socket.gaierror through;
                 # in a compose stack the broker's name may not resolve until it has started.
                 self._close_quietly(conn)
-                config = config_error(exc)
+                config = config_error(exc) or (tls_refusal(exc, self._tls.ca_file) if params.ssl_options else None)
                 if config is not None:
-                    log.error("%s: refused by the broker, not retrying: %s", name, config)
+                    log.error("%s: not retrying (a configuration error): %s", name, config)
                     raise config from None
                 if self._connect_attempts and attempt >= self._connect_attempts:
                     log.error("%s: giving up after %d attempts: %s", name, attempt, describe(exc))
