@@ -94,6 +94,9 @@ class RunSettings:
     eval_batch_size: int = setting(1000, "batch size of the test-set evaluation")
     eval_device: str = setting("auto", "device for evaluation", choices=("auto", "cpu", "cuda"))
     eval_threads: int = setting(0, "torch threads for evaluation (0: torch's default)")
+    eval_data: str = setting("test", "what the aggregator scores each version on besides the workers' held-out rows "
+                                     "(--eval-fraction): the data set's test split, or none (it holds no data)",
+                             choices=("test", "none"))
 
     @property
     def partition_count(self) -> int:
@@ -115,6 +118,13 @@ class WorkerSettings:
                                       "(a volume shared by the co-located workers)")
     trusted_models: str = setting("", "comma-separated package.module:factory models this worker may build when a "
                                       "run asks for them (built-in models are always allowed)")
+    data: str = setting("", "this worker's own training data: a folder of images, one sub-folder per class "
+                            "(ImageFolder), or a package.module:factory returning a torch Dataset "
+                            "(empty: its partition of the run's built-in data set)")
+    trusted_data_factories: str = setting("", "comma-separated package.module:factory data sets --data may name "
+                                              "(nothing else is imported)")
+    eval_fraction: float = setting(0.0, "fraction of this worker's data held out to score each model version on "
+                                        "(federated evaluation; 0: none, train on everything)")
 
 
 @dataclass(frozen=True)
@@ -222,6 +232,7 @@ def validate(s: Settings) -> None:
              f"must be below the worker timeout ({r.worker_timeout_s} s)")
     _require(s.embedded.workers >= 1, "workers", "must be >= 1")
     _require(w.training_slots >= 0, "training_slots", "must be >= 0")
+    _require(0.0 <= w.eval_fraction < 1.0, "eval_fraction", "must be within [0, 1)")
     for name, value in (("worker_id", w.worker_id), ("run_id", r.run_id)):
         # The same rule the wire enforces (fedmq.messages.check_identifier): at most 128 ASCII
         # letters, digits, - _ . so every queue name and routing key built from it fits AMQP.

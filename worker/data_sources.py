@@ -36,7 +36,11 @@ log = logging.getLogger(__name__)
 
 class DataSource(Protocol):
     """One worker's data. ``key`` says what the loaded data depends on: the worker loads again
-    only when the key changes (an image folder does not care which partition index it holds)."""
+    only when the key changes (an image folder does not care which partition index it holds).
+    ``partitioned`` is True when the data is a partition of the run's data set (its updates name
+    the partition index), False for a site's own data (they say -1)."""
+
+    partitioned: bool
 
     def describe(self) -> str: ...
 
@@ -52,6 +56,7 @@ class BuiltinPartition:
     root: Path
     mirror: Path | None = None
     download: bool = True
+    partitioned = True
 
     def describe(self) -> str:
         return "the built-in partition"
@@ -74,6 +79,7 @@ class ImageFolderSource:
     """The images under ``path``, shaped and normalised as the run's data set."""
 
     path: Path
+    partitioned = False
 
     def describe(self) -> str:
         return f"the image folder {self.path}"
@@ -90,6 +96,7 @@ class FactorySource:
     """What the trusted zero-argument function ``spec`` (``package.module:factory``) returns."""
 
     spec: str
+    partitioned = False
 
     def describe(self) -> str:
         return f"the data factory {self.spec}"
