@@ -65,8 +65,12 @@ class VersionLines:
             return "wrong-run", f"evaluation of run {report.run_id!r}, this is {self.run_id!r}"
         if verdict is Verdict.FUTURE:
             return "future-version", f"{report.worker_id} scored version {report.version}, the newest is {version}"
-        log.info("version %d: %s score from %s: accuracy %.4f, loss %.4f on %d held-out samples", report.version,
-                 verdict.value, report.worker_id, report.accuracy, report.loss, report.num_samples)
+        if verdict is Verdict.DUPLICATE:
+            log.info("version %d: duplicate score from %s ignored", report.version, report.worker_id)
+        else:
+            log.info("version %d: score from %s: accuracy %.4f, loss %.4f on %d held-out samples%s", report.version,
+                     report.worker_id, report.accuracy, report.loss, report.num_samples,
+                     "" if verdict is Verdict.FOLD else " (not recorded: no line of that version is waiting)")
         return None
 
     def tick(self, live: Container[str], now: float) -> VersionRecord | None:

@@ -76,7 +76,8 @@ class RunSettings:
     shards_per_partition: int = setting(2, "label shards per worker for the shards split")
     seed: int = setting(0, "seed of the initial model, the partitions and the client selection")
     versions: int = setting(5, "stop after this many model versions (rounds)")
-    target_accuracy: float = setting(0.0, "stop early once test accuracy reaches this (0: never)")
+    target_accuracy: float = setting(0.0, "stop early once a version's accuracy reaches this: on the test set, or "
+                                          "federated with --eval-data none (0: never)")
     local_epochs: int = setting(1, "local epochs per version (E)")
     local_steps: int = setting(0, "fixed local optimizer steps per version instead of epochs (0: use epochs; 1 with batch 0: FedSGD)")
     batch_size: int = setting(32, "local batch size (B); 0 means the whole partition")

@@ -129,8 +129,9 @@ def test_a_score_that_never_comes_holds_the_line_only_until_its_deadline(tmp_pat
     hub, clock = MemoryHub(), SteppedClock()
     workers = [ScriptedWorker(hub, "big", **scorer(answer_requests=False)).start(),
                ScriptedWorker(hub, "small", **scorer()).start()]
-    with LogTrigger("aggregator.version_lines", "score from small", lambda: clock.jump(NEVER)):
-        result = run(hub, settings(tmp_path, versions=1), workers, clock)
+    # Once "small" has scored the final version, the deadline passes ("big" stays live).
+    with LogTrigger("aggregator.version_lines", "version 1: score from small", lambda: clock.jump(NEVER)):
+        result = run(hub, settings(tmp_path, versions=1, worker_timeout_s=3 * NEVER), workers, clock)
     (record,) = result.records
     # Only "small" scored the final version before the deadline passed.
     assert (record.federated_accuracy, record.federated_samples, record.federated_workers) == (0.5, 100, 1)
