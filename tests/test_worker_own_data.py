@@ -8,6 +8,7 @@ codec, in-memory broker, real MNIST.
 from __future__ import annotations
 
 import textwrap
+import time
 import uuid
 
 import pytest
@@ -111,3 +112,39 @@ def test_the_worker_command_refuses_an_untrusted_data_factory(monkeypatch, data_
     code = main(["worker", "--worker-id", "w1", "--data-root", str(data_root), "--data", "site_data.loader:make"])
     assert code == 2
     assert "--trusted-data-factories" in capsys.readouterr().err
+
+
+def test_a_bad_evaluation_request_is_dead_lettered_from_the_inbox_and_a_mismatched_one_not_scored(harness):
+    from fedmq.topology import DEAD_LETTER_QUEUE, REASON_HEADER
+
+    harness.start("w1", eval_fraction=0.05)
+    harness.join("w1")
+    harness.wait(lambda: harness.workers[0]._data is not None)
+    weights = model_weights()
+    nan = dict(weights, **{"fc1.bias": weights["fc1.bias"] * float("nan")})
+    harness.send("w1", m.encode(m.EvaluationRequest("run-1", 1, (), nan)))
+    harness.send("w1", m.EvaluationRequest("run-1", 2, (), model_weights("fedavg-cnn")))  # not the run's model
+    harness.send("w1", m.EvaluationRequest("another-run", 3, (), weights))  # not the run it joined
+    harness.send("w1", m.EvaluationRequest("run-1", 4, (), weights))
+    assert harness.wait(lambda: len(published(harness)) == 1)
+    time.sleep(0.5)
+    assert [s.version for s in published(harness)] == [4]
+    reasons = [headers[REASON_HEADER].split(":")[0] for _, headers in harness.hub.peek(DEAD_LETTER_QUEUE)]
+    assert reasons == ["non-finite"]
+    assert harness.workers[0].failure is None
+
+
+def test_embedded_workers_hold_rows_out_and_the_run_is_measured_by_them_alone(data_root, tmp_path):
+    import dataclasses
+
+    from fedmq_cli.embedded import run_embedded
+    from test_embedded import embedded_settings
+
+    settings = embedded_settings(data_root, tmp_path, versions=2, eval_data="none")
+    settings = dataclasses.replace(settings, worker=dataclasses.replace(settings.worker, eval_fraction=0.1))
+    result = run_embedded(settings)
+    # 3 workers on 20,000 images each hold out 2,000 each.
+    assert [(r.version, r.test_accuracy, r.federated_samples, r.federated_workers) for r in result.records] == \
+        [(1, None, 6000, 3), (2, None, 6000, 3)]
+    assert result.records[-1].federated_accuracy >= 0.9, [r.federated_accuracy for r in result.records]
+    assert all(r.participants == 3 for r in result.records)
