@@ -56,16 +56,20 @@ class OpenRound:
     def held_deliveries(self) -> list[Delivery]:
         return [d for copy in self.held.values() for d in copy]
 
+
 @dataclass(frozen=True)
 class VersionRecord:
-    """One line of ``metrics.jsonl`` and of the console: what producing ``version`` took."""
+    """One line of ``metrics.jsonl`` and of the console: what producing ``version`` took, and how
+    good it is: ``test_*`` on the aggregator's test set (None with ``--eval-data none``),
+    ``federated_*`` the sample-weighted score of the workers' held-out rows (None when no worker
+    scored it), ``federated_samples`` and ``federated_workers`` what that score stands on."""
 
     run_id: str
     version: int
     participants: int
     expected: int
-    test_accuracy: float
-    test_loss: float
+    test_accuracy: float | None
+    test_loss: float | None
     train_loss: float
     bytes_up: int
     bytes_down: int
@@ -76,11 +80,25 @@ class VersionRecord:
     dead_lettered: int
     rebroadcasts: int
     refused_steps: int = 0  # aggregates of this version refused as not finite before this one
+    federated_accuracy: float | None = None
+    federated_loss: float | None = None
+    federated_samples: int = 0
+    federated_workers: int = 0
+
+    @property
+    def accuracy(self) -> float | None:
+        """The version's accuracy: on the test set when the aggregator has one, else federated."""
+        return self.test_accuracy if self.test_accuracy is not None else self.federated_accuracy
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
     def console_line(self) -> str:
-        return (f"version {self.version:3d}  participants {self.participants:3d}/{self.expected:<3d} "
-                f"accuracy {self.test_accuracy:.4f}  loss {self.test_loss:.4f}  "
-                f"up {self.bytes_up / 1e6:8.2f} MB  down {self.bytes_down / 1e6:8.2f} MB  {self.seconds:6.1f} s")
+        test = (f"accuracy {self.test_accuracy:.4f}  loss {self.test_loss:.4f}" if self.test_accuracy is not None
+                else f"{'accuracy':>8s} {'-':>6s}  {'loss':>4s} {'-':>6s}")
+        federated = "" if self.federated_accuracy is None else (
+            f"  federated {self.federated_accuracy:.4f} ({self.federated_samples} samples, "
+            f"{self.federated_workers} workers)")
+        return (f"version {self.version:3d}  participants {self.participants:3d}/{self.expected:<3d} {test}  "
+                f"up {self.bytes_up / 1e6:8.2f} MB  down {self.bytes_down / 1e6:8.2f} MB  {self.seconds:6.1f} s"
+                f"{federated}")

@@ -25,19 +25,21 @@ import torch
 
 from aggregator.checkpoint import CheckpointStore
 from aggregator.close_policy import Decision, SyncClosePolicy
-from aggregator.evaluation import evaluate
 from aggregator.fedavg import RunningSum, check_compatible, fedavg_step, non_finite_tensors
 from aggregator.intake import UpdateIntake
 from aggregator.membership import Membership
 from aggregator.registry import WorkerRegistry
 from aggregator.rounds import OpenRound, VersionRecord
 from aggregator.selection import select_participants
+from aggregator.version_lines import VersionLines
 from fedmq.broker.base import Broker, Delivery
 from fedmq.device import resolve_device
 from fedmq.errors import InvalidMessage
-from fedmq.messages import ModelBroadcast, RunComplete, TaskSpec, TrainingConfig, encode
+from fedmq.messages import (EvaluationReport, EvaluationRequest, ModelBroadcast, RunComplete, TaskSpec, TrainingConfig,
+                            encode, peek_kind)
 from fedmq.settings import DEFAULT_RUN_ID, Settings
 from fedmq.task import build_model, load_split
+from fedmq.task.evaluation import Evaluation, evaluate
 from fedmq.topology import BROADCAST_EXCHANGE, CONTROL_QUEUE, DEFAULT_EXCHANGE, STATIC_TOPOLOGY, UPDATES_QUEUE, inbox_queue
 from fedmq.tensor_codec import encoded_size_bound
 from fedmq.transport import ReceivedBytes, Transport
@@ -47,11 +49,14 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class RunResult:
+    """``test_accuracy`` and ``federated_accuracy`` of the final version (NaN when not measured)."""
+
     run_id: str
     final_version: int
     test_accuracy: float
     output_dir: Path
     records: tuple[VersionRecord, ...]
+    federated_accuracy: float = math.nan
 
 
 class Aggregator:
@@ -65,7 +70,6 @@ class Aggregator:
         self.run_id = cfg.run_id or DEFAULT_RUN_ID
         self.broker = broker
         self.transport = Transport(broker, max_frame_bytes=settings.broker.max_frame_bytes)
-        self.on_version = on_version
         self.clock = clock
         self.task = TaskSpec(cfg.dataset, cfg.model, cfg.partition_scheme, cfg.partition_count,
                              cfg.dirichlet_alpha, cfg.shards_per_partition, cfg.seed)
@@ -76,11 +80,12 @@ class Aggregator:
         self.model = build_model(cfg.model, seed=cfg.seed).to(self.device)
         self.weights = {k: v.detach().to("cpu").clone() for k, v in self.model.state_dict().items()}
         data = settings.data
-        test = load_split(cfg.dataset, Path(data.data_root), train=False,
-                          mirror=Path(data.data_mirror) if data.data_mirror else None, download=data.download)
-        self.test_images, self.test_labels = test.images, test.labels
+        self.test = None if cfg.eval_data == "none" else load_split(
+            cfg.dataset, Path(data.data_root), train=False, mirror=Path(data.data_mirror) if data.data_mirror else None,
+            download=data.download)
         self.registry = WorkerRegistry(self.task.num_partitions, cfg.worker_timeout_s)
         self.store = CheckpointStore(Path(cfg.output_dir) / self.run_id)
+        self.lines = VersionLines(self.run_id, self.store, on_version)
         self.version = 0
         self.resumed = False
         self.checkpointed: frozenset = frozenset()  # keys of the updates in the last checkpoint
@@ -90,10 +95,8 @@ class Aggregator:
                                    update_bytes=encoded_size_bound(self.weights),
                                    max_frame_bytes=settings.broker.max_frame_bytes)
         self.round: OpenRound | None = self._new_round(self.version)
-        self.records: list[VersionRecord] = []
         self.finished = False
         self._stop_requested = False
-        self.last_accuracy = float("nan")
         self.refused_steps = 0
         self._handled = 0  # deliveries handled, to tell an idle broker slice from a busy one
         self.update_prefetch = 0
@@ -129,7 +132,9 @@ class Aggregator:
             if self._handled == handled:
                 self.membership.caught_up(self.clock())
             self._tick()
-        return RunResult(self.run_id, self.version, self.last_accuracy, self.store.directory, tuple(self.records))
+        last = self.lines.last
+        return RunResult(self.run_id, self.version, _or_nan(last and last.test_accuracy), self.store.directory,
+                         tuple(self.lines.records), _or_nan(last and last.federated_accuracy))
 
     def stop(self) -> None:
         """Ask :meth:`run` to return after the event in hand (safe from a signal handler): the
@@ -144,9 +149,20 @@ class Aggregator:
             return
         self.membership.expire_and_rebalance(self.cfg.worker_timeout_s)
         self._fit_update_prefetch()
-        round_ = self.round
-        assert round_ is not None
         now = self.clock()
+        written = self.lines.tick(self.registry, now)
+        round_ = self.round
+        if round_ is None:  # the final version is out to be scored
+            if not self.lines.waiting:
+                self._finish()
+            return
+        if written is not None and written.version == round_.version and self._reached_target(written):
+            # The model being trained is the one that reached it: the run ends with it, and the
+            # updates of its round will never be folded.
+            for delivery in round_.held_deliveries():
+                self.broker.ack(delivery)
+            self._finish()
+            return
         if not round_.is_open:
             if self.resumed or len(self.registry.ready_ids()) >= self.cfg.start_workers:
                 self._open_round(round_)
@@ -188,6 +204,8 @@ class Aggregator:
         round_.expected = set(chosen)
         round_.started = self.clock()
         round_.deadline = round_.started + self.cfg.round_timeout_s
+        # The selected workers score this version on receipt: its line waits for them.
+        self.lines.await_scores(chosen, round_.deadline)
         sent = self._broadcast(round_, live, attempt=0, awaited=())
         log.info("version %d: broadcast %.2f MB to %d live workers (%d expected, %d updates already in)",
                  round_.version, sent / 1e6, len(live), len(chosen), len(round_.folded))
@@ -228,9 +246,7 @@ class Aggregator:
             self._refuse_step(round_, bad)
             return
         self.weights = weights
-        self.model.load_state_dict(self.weights)
-        evaluation = evaluate(self.model, self.test_images, self.test_labels,
-                              batch_size=self.cfg.eval_batch_size, device=self.device)
+        evaluation = self._test()
         version = round_.version + 1
         folded = frozenset((self.run_id, round_.version, w) for w in round_.folded)
         # Durable first, then acknowledge: an update is acked only once it is in a checkpoint.
@@ -240,23 +256,45 @@ class Aggregator:
         for delivery in round_.held_deliveries():
             self.broker.ack(delivery)
         record = VersionRecord(
-            self.run_id, version, len(round_.folded), len(round_.expected), evaluation.accuracy, evaluation.loss,
+            self.run_id, version, len(round_.folded), len(round_.expected),
+            evaluation.accuracy if evaluation else None, evaluation.loss if evaluation else None,
             round_.weighted_train_loss / round_.running.total_weight, round_.bytes_up, round_.bytes_down,
             self.clock() - round_.started, len(self.registry.live_ids()), round_.stale, round_.duplicates,
             round_.dead_lettered, round_.rebroadcasts, self.refused_steps)
-        self.store.append_metrics(record.to_json())
-        self.records.append(record)
-        self.version, self.last_accuracy, self.refused_steps = version, evaluation.accuracy, 0
-        log.info("version %d of run %s: %d updates, test accuracy %.4f, loss %.4f, %.1f s",
-                 version, self.run_id, record.participants, evaluation.accuracy, evaluation.loss, record.seconds)
-        if self.on_version is not None:
-            self.on_version(record)
-        target = self.cfg.target_accuracy
-        if version >= self.cfg.versions or (target > 0 and evaluation.accuracy >= target):
-            self._finish()
+        self.version, self.refused_steps = version, 0
+        released = self.lines.closed(record)
+        if (version >= self.cfg.versions or self._reached_target(record)
+                or (released is not None and self._reached_target(released))):
+            self._score_final_version()
         else:
             self.round = self._new_round(version)
             self._open_round(self.round)
+
+    def _reached_target(self, record: VersionRecord) -> bool:
+        """The version's accuracy (test set, else federated) reached ``--target-accuracy``."""
+        target = self.cfg.target_accuracy
+        return target > 0 and record.accuracy is not None and record.accuracy >= target
+
+    def _test(self) -> Evaluation | None:
+        """The current model on the aggregator's test set (None with ``--eval-data none``)."""
+        if self.test is None:
+            return None
+        self.model.load_state_dict(self.weights)
+        return evaluate(self.model, self.test.images, self.test.labels, batch_size=self.cfg.eval_batch_size,
+                        device=self.device)
+
+    def _score_final_version(self) -> None:
+        """No version follows to be scored on receipt: ask the workers to score this one."""
+        if not self.lines.waiting:
+            self._finish()
+            return
+        live = self.registry.live_ids()
+        self.lines.await_scores(live, self.clock() + self.cfg.round_timeout_s)
+        self.round = None
+        self.transport.send(BROADCAST_EXCHANGE, "", EvaluationRequest(self.run_id, self.version, (), self.weights),
+                            mandatory=False)
+        log.info("version %d: final model sent to %d live workers to score on their held-out rows",
+                 self.version, len(live))
 
     def _refuse_step(self, round_: OpenRound, bad: list[str]) -> None:
         """The aggregate is not finite: it never becomes a version. Keep the current model,
@@ -277,7 +315,8 @@ class Aggregator:
 
     def _finish(self) -> None:
         path = self.store.save_final(self.run_id, self.version, self.weights)
-        accuracy = 0.0 if math.isnan(self.last_accuracy) else self.last_accuracy  # NaN: no version closed
+        last = self.lines.last.accuracy if self.lines.last else None
+        accuracy = 0.0 if last is None else last  # no version closed, or none measured
         self.transport.send(BROADCAST_EXCHANGE, "", RunComplete(self.run_id, self.version, accuracy), mandatory=False)
         self.finished, self.round = True, None
         log.info("run %s complete at version %d: final model in %s", self.run_id, self.version, path)
@@ -326,6 +365,29 @@ class Aggregator:
 
     def _on_update(self, delivery: Delivery) -> None:
         raw = self._receive(delivery)
-        if raw is not None:
+        if raw is None:
+            return
+        if peek_kind(raw.data) == EvaluationReport.KIND:
+            self._on_evaluation(raw)
+        else:
             self.intake.take(raw, self.round, version=self.version, checkpointed=self.checkpointed,
                              template=self.weights)
+
+    def _on_evaluation(self, raw: ReceivedBytes) -> None:
+        """A worker's score of a version: counted once if that version's line is waiting for
+        scores, dropped (acknowledged) if it comes late, dead-lettered if it cannot be right."""
+        try:
+            report = self.transport.decode(raw)
+        except InvalidMessage as exc:
+            self._dead_letter(raw.deliveries, exc.reason, exc.detail)
+            return
+        refused = self.lines.take_score(report, version=self.version)
+        if refused is not None:
+            self._dead_letter(raw.deliveries, *refused)
+            return
+        for d in raw.deliveries:
+            self.broker.ack(d)
+
+
+def _or_nan(value: float | None) -> float:
+    return math.nan if value is None else value

@@ -8,8 +8,9 @@ message (:class:`Chunk`) are messages too, so one decoder reads every AMQP body.
 Flow (see ``fedmq/topology.py`` for the queues):
 worker -> control: :class:`WorkerHello`, :class:`Heartbeat`, :class:`WorkerGoodbye`
 aggregator -> one inbox: :class:`JoinAccepted` (then the current :class:`ModelBroadcast`)
-aggregator -> every inbox: :class:`ModelBroadcast`, :class:`RunComplete`
-worker -> updates: :class:`WeightUpdate`
+aggregator -> every inbox: :class:`ModelBroadcast`, :class:`EvaluationRequest` (the final model
+only), :class:`RunComplete`
+worker -> updates: :class:`EvaluationReport` (before its update of the same version), :class:`WeightUpdate`
 """
 
 from __future__ import annotations
@@ -322,6 +323,9 @@ class ModelBroadcast:
     ``selected`` names the workers that should train this version (empty: every worker).
     ``weights`` is the full state_dict (parameters and buffers), CPU tensors.
 
+    A selected worker that holds out evaluation rows (``--eval-fraction``) first scores the
+    version on them and sends an :class:`EvaluationReport`, then trains it.
+
     A worker trains each version once, except when the aggregator asks again: ``attempt`` is 0
     on a version's first broadcast; a re-broadcast (the deadline passed without enough updates)
     carries a number not used before for that version, and ``awaited`` names the workers whose
@@ -448,6 +452,60 @@ class WeightUpdate:
 
 
 @dataclass(frozen=True)
+class EvaluationRequest:
+    """Score model ``version`` on your held-out rows, do not train it: sent once, for the final
+    model of a run (every other version's broadcast is scored on receipt). ``selected`` names
+    the workers asked (empty: every worker)."""
+
+    KIND: ClassVar[str] = "evaluate"
+    run_id: str
+    version: int
+    selected: tuple[str, ...]
+    weights: Mapping[str, torch.Tensor]
+
+    def fields(self) -> dict[str, Any]:
+        return {"run_id": self.run_id, "version": self.version, "selected": list(self.selected),
+                "weights": encode_tensors(self.weights)}
+
+    @classmethod
+    def from_fields(cls, r: _Reader) -> "EvaluationRequest":
+        weights = decode_tensors(r.raw["weights"])
+        check_finite(weights)
+        return cls(r.ident("run_id"), r.int("version", minimum=0), r.idents("selected"), weights)
+
+
+@dataclass(frozen=True)
+class EvaluationReport:
+    """A worker's score of model ``version`` on the ``num_samples`` rows it holds out (1 to
+    :data:`MAX_NUM_SAMPLES`): ``loss`` the mean cross-entropy, ``accuracy`` the fraction right.
+    Identified, like an update, by ``(run_id, version, worker_id)``; sent on the update queue
+    just before the worker's update of the same version, so it is read first."""
+
+    KIND: ClassVar[str] = "evaluation"
+    run_id: str
+    version: int
+    worker_id: str
+    num_samples: int
+    loss: float
+    accuracy: float
+
+    @property
+    def key(self) -> tuple[str, int, str]:
+        return (self.run_id, self.version, self.worker_id)
+
+    def fields(self) -> dict[str, Any]:
+        return _plain_fields(self)
+
+    @classmethod
+    def from_fields(cls, r: _Reader) -> "EvaluationReport":
+        samples = r.int("num_samples", minimum=1)
+        if samples > MAX_NUM_SAMPLES:
+            raise InvalidMessage("bounds", f"evaluation.num_samples={samples} is above {MAX_NUM_SAMPLES}")
+        return cls(r.ident("run_id"), r.int("version", minimum=0), r.ident("worker_id"), samples,
+                   r.bounded("loss", low=0.0), r.bounded("accuracy", low=0.0, high=1.0))
+
+
+@dataclass(frozen=True)
 class Chunk:
     """Part ``index`` of ``count`` of a message too large for one AMQP message.
 
@@ -476,7 +534,8 @@ class Chunk:
         return chunk
 
 
-Message = Union[WorkerHello, Heartbeat, WorkerGoodbye, JoinAccepted, ModelBroadcast, RunComplete, WeightUpdate, Chunk]
+Message = Union[WorkerHello, Heartbeat, WorkerGoodbye, JoinAccepted, ModelBroadcast, RunComplete, WeightUpdate,
+                EvaluationRequest, EvaluationReport, Chunk]
 _KINDS: dict[str, Any] = {cls.KIND: cls for cls in Message.__args__}  # type: ignore[attr-defined]
 
 
@@ -523,6 +582,14 @@ def peek_update(data: bytes) -> UpdateHeader | None:
     if found is None or found["schema"] != SCHEMA_VERSION or found["kind"] != WeightUpdate.KIND:
         return None
     return WeightUpdate.header_from(_Reader(WeightUpdate.KIND, {k: found[k] for k in _HEADER_FIELDS}, _HEADER_FIELDS))
+
+
+def peek_kind(data: bytes) -> str | None:
+    """The ``kind`` of an encoded message, read from its leading fields; None if it is not laid
+    out as fedmq writes messages (decode it whole then: that says what is wrong)."""
+    found = _leading_fields(data, frozenset(("kind",)))
+    kind = found.get("kind") if found is not None else None
+    return kind if isinstance(kind, str) else None
 
 
 def decode_chunk(data: bytes) -> Chunk | None:

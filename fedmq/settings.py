@@ -80,7 +80,8 @@ class RunSettings:
     shards_per_partition: int = setting(2, "label shards per worker for the shards split")
     seed: int = setting(0, "seed of the initial model, the partitions and the client selection")
     versions: int = setting(5, "stop after this many model versions (rounds)")
-    target_accuracy: float = setting(0.0, "stop early once test accuracy reaches this (0: never)")
+    target_accuracy: float = setting(0.0, "stop early once a version's accuracy reaches this: on the test set, or "
+                                          "federated with --eval-data none (0: never)")
     local_epochs: int = setting(1, "local epochs per version (E)")
     local_steps: int = setting(0, "fixed local optimizer steps per version instead of epochs (0: use epochs; 1 with batch 0: FedSGD)")
     batch_size: int = setting(32, "local batch size (B); 0 means the whole partition")
@@ -98,6 +99,9 @@ class RunSettings:
     eval_batch_size: int = setting(1000, "batch size of the test-set evaluation")
     eval_device: str = setting("auto", "device for evaluation", choices=("auto", "cpu", "cuda"))
     eval_threads: int = setting(0, "torch threads for evaluation (0: torch's default)")
+    eval_data: str = setting("test", "what the aggregator scores each version on besides the workers' held-out rows "
+                                     "(--eval-fraction): the data set's test split, or none (it holds no data)",
+                             choices=("test", "none"))
 
     @property
     def partition_count(self) -> int:
@@ -119,6 +123,13 @@ class WorkerSettings:
                                       "(a volume shared by the co-located workers)")
     trusted_models: str = setting("", "comma-separated package.module:factory models this worker may build when a "
                                       "run asks for them (built-in models are always allowed)")
+    data: str = setting("", "this worker's own training data: a folder of images, one sub-folder per class "
+                            "(ImageFolder), or a package.module:factory returning a torch Dataset "
+                            "(empty: its partition of the run's built-in data set)")
+    trusted_data_factories: str = setting("", "comma-separated package.module:factory data sets --data may name "
+                                              "(nothing else is imported)")
+    eval_fraction: float = setting(0.0, "fraction of this worker's data held out to score each model version on "
+                                        "(federated evaluation; 0: none, train on everything)")
 
 
 @dataclass(frozen=True)
@@ -226,6 +237,7 @@ def validate(s: Settings) -> None:
              f"must be below the worker timeout ({r.worker_timeout_s} s)")
     _require(s.embedded.workers >= 1, "workers", "must be >= 1")
     _require(w.training_slots >= 0, "training_slots", "must be >= 0")
+    _require(0.0 <= w.eval_fraction < 1.0, "eval_fraction", "must be within [0, 1)")
     for name, value in (("worker_id", w.worker_id), ("run_id", r.run_id)):
         # The same rule the wire enforces (fedmq.messages.check_identifier): at most 128 ASCII
         # letters, digits, - _ . so every queue name and routing key built from it fits AMQP.

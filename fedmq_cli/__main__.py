@@ -75,6 +75,14 @@ def _tls_files(settings: Settings):
     return TlsFiles(b.broker_ca_file, b.broker_cert_file, b.broker_key_file)
 
 
+def _summary(result) -> str:  # noqa: ANN001 - aggregator.service.RunResult, imported late
+    """The last line a run prints: its final version, the accuracies measured, where it wrote."""
+    scores = [f"{what} accuracy {value:.4f}" for what, value in
+              (("test", result.test_accuracy), ("federated", result.federated_accuracy)) if value == value]
+    return (f"run {result.run_id}: version {result.final_version}, {', '.join(scores) or 'accuracy not measured'}, "
+            f"output in {result.output_dir}")
+
+
 def _serve_aggregator(settings: Settings) -> int:
     from aggregator.service import Aggregator
     from fedmq.broker.rabbitmq import RabbitBroker
@@ -90,8 +98,7 @@ def _serve_aggregator(settings: Settings) -> int:
         print(f"run {result.run_id}: stopped at version {result.final_version}; the same run id resumes it "
               f"from {result.output_dir}", flush=True)
         return 0
-    print(f"run {result.run_id}: version {result.final_version}, test accuracy {result.test_accuracy:.4f}, "
-          f"output in {result.output_dir}", flush=True)
+    print(_summary(result), flush=True)
     return 0
 
 
@@ -120,8 +127,7 @@ def _run_embedded(settings: Settings) -> int:
     print(f"fedmq embedded: {settings.embedded.workers} workers, {settings.run.model} on {settings.run.dataset}, "
           f"{settings.run.versions} versions", flush=True)
     result = run_embedded(settings, on_version=lambda r: print(r.console_line(), flush=True))
-    print(f"run {result.run_id}: version {result.final_version}, test accuracy {result.test_accuracy:.4f}, "
-          f"output in {result.output_dir}", flush=True)
+    print(_summary(result), flush=True)
     return 0
 
 

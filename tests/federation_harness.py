@@ -94,8 +94,11 @@ class ScriptedWorker:
     def __init__(self, hub: MemoryHub, worker_id: str = "scripted", *, join: bool = True,
                  interval_s: float = 0.3, max_frame_bytes: int = 256 * 1024, state: str = "ready",
                  beat_before_join: bool = True,
-                 on_broadcast: Callable[["ScriptedWorker", m.ModelBroadcast], None] | None = None) -> None:
+                 on_broadcast: Callable[["ScriptedWorker", m.ModelBroadcast], None] | None = None,
+                 on_request: Callable[["ScriptedWorker", m.EvaluationRequest], None] | None = None) -> None:
         self.worker_id, self.join, self.interval_s, self.on_broadcast = worker_id, join, interval_s, on_broadcast
+        self.on_request = on_request
+        self.requests: list[m.EvaluationRequest] = []
         self.state, self.beat_before_join = state, beat_before_join
         self.broker = hub.connect()
         self.broker.declare(STATIC_TOPOLOGY)
@@ -138,6 +141,10 @@ class ScriptedWorker:
             self.broadcasts.append(message)
             if self.on_broadcast is not None:
                 self.on_broadcast(self, message)
+        elif isinstance(message, m.EvaluationRequest):
+            self.requests.append(message)
+            if self.on_request is not None:
+                self.on_request(self, message)
 
     def _loop(self) -> None:
         if self.join:
@@ -164,6 +171,14 @@ class ScriptedWorker:
             self.transport.send("", UPDATES_QUEUE, update)
         else:
             self.on_thread(lambda: self.transport.send("", UPDATES_QUEUE, update))
+
+    def publish_update_queue(self, body: m.Message | bytes) -> None:
+        """Put ``body`` (a message, or any bytes) on the update queue, in order with this
+        participant's other messages."""
+        if threading.current_thread() is self.thread:
+            self.transport.send("", UPDATES_QUEUE, body)
+        else:
+            self.on_thread(lambda: self.transport.send("", UPDATES_QUEUE, body))
 
     def say(self, message: m.Message) -> None:
         """Send a control message (a goodbye, a hello ...)."""

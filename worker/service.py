@@ -1,9 +1,11 @@
-"""The worker service: join, take the newest model, train it, send the delta, repeat.
+"""The worker service: join, take the newest model, score it, train it, send the delta, repeat.
 
 Two threads. The connection thread (the one that calls :meth:`Worker.run`) owns the broker: it
 handles inbox messages and sends heartbeats, so the connection stays alive however long training
-takes (pika only answers heartbeats inside its own calls). The training thread loads the data and
-trains; it hands finished updates back with ``broker.call_threadsafe``.
+takes (pika only answers heartbeats inside its own calls). The training thread loads the data
+(from the data source ``--data`` names, :mod:`worker.data_sources`), scores each version it is
+selected for on its held-out rows (``--eval-fraction``) and trains; it hands evaluation reports
+and finished updates back with ``broker.call_threadsafe``.
 """
 
 from __future__ import annotations
@@ -18,19 +20,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 
 from fedmq.broker.base import Broker, Delivery
 from fedmq.device import resolve_device
 from fedmq.errors import BrokerError, InvalidMessage
-from fedmq.messages import (Heartbeat, JoinAccepted, ModelBroadcast, RunComplete, TaskSpec, WeightUpdate,
-                            WorkerGoodbye, WorkerHello, encode)
+from fedmq.messages import (EvaluationReport, EvaluationRequest, Heartbeat, JoinAccepted, ModelBroadcast,
+                            RunComplete, TaskSpec, WeightUpdate, WorkerGoodbye, WorkerHello, encode)
 from fedmq.settings import Settings
-from fedmq.task import BUILTIN_MODELS, build_model, forget_cached_splits, load_split, make_partitions
+from fedmq.task import BUILTIN_MODELS, build_model
+from fedmq.task.evaluation import evaluate
 from fedmq.tensor_codec import encoded_size_bound
 from fedmq.topology import CONTROL_QUEUE, DEFAULT_EXCHANGE, STATIC_TOPOLOGY, UPDATES_QUEUE, inbox_queue, inbox_topology
 from fedmq.transport import Transport
+from worker.data_sources import open_data_source, prepare_local_data
+from worker.local_data import LocalData, LocalDataError
 from worker.trainer import train_locally, training_seed, weights_mismatch
 from worker.training_slots import TrainingSlots
 from worker.update_outbox import UpdateOutbox
@@ -44,11 +48,16 @@ def default_worker_id() -> str:
     return f"{host}-{os.getpid()}-{uuid.uuid4().hex[:4]}"
 
 
+#: Batch size when a worker scores a model on its held-out rows.
+EVAL_BATCH_SIZE = 1000
+
+
 @dataclass
 class _LocalData:
-    key: tuple[TaskSpec, int]
-    images: torch.Tensor  # on the training device
-    labels: torch.Tensor
+    key: tuple  # (task, the data source's key): what the data was loaded for
+    partition: int  # the partition index it holds, -1 for the worker's own data
+    train: LocalData  # on the training device; its size is the update's FedAvg weight
+    held_out: LocalData | None  # on the training device; None without --eval-fraction
     model: torch.nn.Module
 
 
@@ -64,6 +73,12 @@ class Worker:
         self.device = resolve_device(self.cfg.device)
         self.clock = clock
         self.slots = TrainingSlots(self.cfg.training_slots_dir, self.cfg.training_slots)
+        data = settings.data
+        # Checked now (an untrusted factory, a missing folder): a worker that cannot have its
+        # data should not join anything. Nothing is read or imported until a run is joined.
+        self.source = open_data_source(self.cfg.data, trusted_factories=self.cfg.trusted_data_factories,
+                                       root=Path(data.data_root), download=data.download,
+                                       mirror=Path(data.data_mirror) if data.data_mirror else None)
         # Hellos, heartbeats and goodbyes expire in the control queue: an aggregator started
         # later must not take the last words of a dead worker for a live one. A live worker's
         # next heartbeat announces it again.
@@ -79,6 +94,8 @@ class Worker:
         self._latest: ModelBroadcast | None = None
         self._trained: tuple[str, int, int] = ("", -1, 0)  # (run id, version, attempt) last trained
         self._data: _LocalData | None = None
+        self._evaluated: tuple[str, int] = ("", -1)  # (run id, version) last scored on the held-out rows
+        self._evaluation_request: EvaluationRequest | None = None
         self._state = "joining"
         self._sending: tuple[str, int, int] | None = None  # trained, handed to the outbox, unconfirmed
         #: Why the worker stopped if it did not finish or leave on request; run() then returns
@@ -166,6 +183,8 @@ class Worker:
             self._on_join(message)
         elif isinstance(message, ModelBroadcast):
             self._on_model(message)
+        elif isinstance(message, EvaluationRequest):
+            self._on_evaluation_request(message)
         elif isinstance(message, RunComplete):
             self._on_complete(message)
         else:
@@ -207,6 +226,22 @@ class Worker:
             self._cond.notify_all()
         log.info("worker %s: model version %d of run %s received", self.worker_id, model.version, model.run_id)
 
+    def _on_evaluation_request(self, request: EvaluationRequest) -> None:
+        with self._cond:
+            if request.run_id != self._run_id or (request.selected and self.worker_id not in request.selected):
+                return
+            self._evaluation_request = request
+            self._cond.notify_all()
+        log.info("worker %s: asked to score version %d of run %s", self.worker_id, request.version, request.run_id)
+
+    def _send_evaluation(self, body: bytes, version: int) -> None:
+        # On the update queue, before this version's update: the aggregator reads it first.
+        # A score is worth less than an update: one that cannot be sent is not retried.
+        try:
+            self.transport.send(DEFAULT_EXCHANGE, UPDATES_QUEUE, body)
+        except BrokerError as exc:
+            log.warning("worker %s: evaluation of version %d not sent: %s", self.worker_id, version, exc)
+
     def _on_complete(self, done: RunComplete) -> None:
         with self._cond:
             if done.run_id != self._run_id:
@@ -245,11 +280,25 @@ class Worker:
         self._send_heartbeat()
 
     # -- training thread ------------------------------------------------------------------------
+    def _wanted_key(self) -> tuple | None:
+        """The key of the data the joined run needs (None before joining one)."""
+        if self._task is None:
+            return None
+        return (self._task, self.source.key(self._task, self._partition))
+
+    def _requested_evaluation(self) -> EvaluationRequest | None:
+        request, data = self._evaluation_request, self._data
+        if request is None or data is None or data.held_out is None or request.run_id != self._run_id:
+            return None
+        if self._evaluated == (request.run_id, request.version):
+            return None
+        return request
+
     def _runnable(self) -> ModelBroadcast | None:
         model = self._latest
         if model is None or self._data is None or model.run_id != self._run_id:
             return None
-        if self._data.key != (self._task, self._partition):
+        if self._data.key != self._wanted_key():
             return None
         if self._sending is not None:
             return None  # the last update is not confirmed yet: send it before training more
@@ -267,44 +316,71 @@ class Worker:
                 with self._cond:
                     while not self._stopping.is_set():
                         need_data = self._task is not None and (
-                            self._data is None or self._data.key != (self._task, self._partition))
-                        model = None if need_data else self._runnable()
-                        if need_data or model is not None:
+                            self._data is None or self._data.key != self._wanted_key())
+                        request = None if need_data else self._requested_evaluation()
+                        model = None if need_data or request else self._runnable()
+                        if need_data or request is not None or model is not None:
                             break
                         self._cond.wait(1.0)
                     else:
                         return
-                    key = (self._task, self._partition)
+                    task, partition, run_id = self._task, self._partition, self._run_id
                 if need_data:
-                    self._load(*key)
-                    continue
-                self._train(model)
+                    self._load(task, partition, run_id)
+                elif request is not None:
+                    self._evaluate(request.run_id, request.version, request.weights)
+                else:
+                    self._train(model)
         except Exception as exc:
             log.exception("worker %s: training thread failed; stopping", self.worker_id)
             self._fail("failed", f"training thread: {type(exc).__name__}: {exc}"[:1000])
 
-    def _load(self, task: TaskSpec, partition: int) -> None:
-        data = self.settings.data
+    def _load(self, task: TaskSpec, partition: int, run_id: str) -> None:
         started = time.perf_counter()
-        split = load_split(task.dataset, Path(data.data_root), train=True,
-                           mirror=Path(data.data_mirror) if data.data_mirror else None, download=data.download)
-        parts = make_partitions(task.partition_scheme, split.labels.numpy(), task.num_partitions, seed=task.seed,
-                                alpha=task.dirichlet_alpha, shards_per_partition=task.shards_per_partition)
-        local = split.subset(np.asarray(parts[partition]))
-        del split
-        forget_cached_splits()  # keep only this worker's partition in memory
         model = build_model(task.model).to(self.device)
+        try:
+            prepared = prepare_local_data(self.source, task, partition, model=model,
+                                          eval_fraction=self.cfg.eval_fraction)
+        except LocalDataError as exc:
+            # The data will not fit this run however often the worker restarts: refuse the run.
+            detail = f"{self.source.describe()} cannot be used for run {run_id} ({task.model} on {task.dataset}): {exc}"
+            log.error("worker %s: %s", self.worker_id, detail)
+            self._fail("refused", detail[:1000], run_id)
+            return
         # Broadcasts are reassembled in memory: bound them by what this model can encode to.
         limit = encoded_size_bound(model.state_dict())
         self.broker.call_threadsafe(lambda: self.transport.bound_messages(limit, 2 * limit))
-        loaded = _LocalData((task, partition), local.images.to(self.device), local.labels.to(self.device), model)
+        held_out = prepared.held_out.to(self.device) if prepared.held_out is not None else None
+        loaded = _LocalData((task, self.source.key(task, partition)), partition if self.source.partitioned else -1,
+                            prepared.train.to(self.device), held_out, model)
         with self._cond:
             self._data = loaded
             self._state = "ready"
             self._cond.notify_all()
-        log.info("worker %s: partition %d loaded, %d samples in %.1f s", self.worker_id, partition,
-                 len(local.labels), time.perf_counter() - started)
+        log.info("worker %s: %s loaded in %.1f s: %d samples to train on, %d held out for evaluation, %d classes",
+                 self.worker_id, self.source.describe(), time.perf_counter() - started, len(prepared.train),
+                 len(held_out) if held_out is not None else 0, prepared.num_classes)
         self.broker.call_threadsafe(self._send_heartbeat)
+
+    def _evaluate(self, run_id: str, version: int, weights) -> None:
+        """Score ``version`` on the held-out rows and send the report (once per version)."""
+        data = self._data
+        assert data is not None and data.held_out is not None
+        with self._cond:
+            self._evaluated = (run_id, version)
+        mismatch = weights_mismatch(data.model.state_dict(), weights)
+        if mismatch:
+            log.error("worker %s: version %d of run %s not scored: its tensors do not match the run's model (%s)",
+                      self.worker_id, version, run_id, mismatch)
+            return
+        data.model.load_state_dict(weights)
+        scored = evaluate(data.model, data.held_out.inputs, data.held_out.labels, batch_size=EVAL_BATCH_SIZE,
+                          device=self.device)
+        body = encode(EvaluationReport(run_id, version, self.worker_id, scored.num_samples, scored.loss,
+                                       scored.accuracy))
+        log.info("worker %s: version %d scored on %d held-out samples: accuracy %.4f, loss %.4f",
+                 self.worker_id, version, scored.num_samples, scored.accuracy, scored.loss)
+        self.broker.call_threadsafe(lambda: self._send_evaluation(body, version))
 
     def _newer_model_waiting(self, version: int, run_id: str) -> bool:
         latest = self._latest
@@ -313,6 +389,8 @@ class Worker:
     def _train(self, model: ModelBroadcast) -> None:
         data = self._data
         assert data is not None
+        if data.held_out is not None and self._evaluated != (model.run_id, model.version):
+            self._evaluate(model.run_id, model.version, model.weights)
         with self._cond:
             self._state = "training"
         mismatch = weights_mismatch(data.model.state_dict(), model.weights)
@@ -324,14 +402,14 @@ class Worker:
                 if self._latest is model:
                     self._latest = None  # wait for the next broadcast
             return
-        seed = training_seed(data.key[0].seed, model.version, data.key[1], self.worker_id)
+        seed = training_seed(data.key[0].seed, model.version, data.partition, self.worker_id)
         superseded = lambda: self._newer_model_waiting(model.version, model.run_id)  # noqa: E731
         with self.slots.hold(give_up=superseded) as granted:
             if not granted:
                 with self._cond:
                     self._state = "idle"
                 return
-            result = train_locally(data.model, model.weights, data.images, data.labels, model.training,
+            result = train_locally(data.model, model.weights, data.train.inputs, data.train.labels, model.training,
                                    seed=seed, should_stop=superseded)
         with self._cond:
             self._state = "idle"
@@ -341,7 +419,7 @@ class Worker:
                 return
             key = (model.run_id, model.version, model.attempt)
             self._sending = key
-        update = WeightUpdate(model.run_id, model.version, self.worker_id, data.key[1], result.num_samples,
+        update = WeightUpdate(model.run_id, model.version, self.worker_id, data.partition, result.num_samples,
                               result.train_loss, result.seconds, result.steps, result.delta)
         body = encode(update)  # encoded here, off the connection thread
         log.info("worker %s: version %d trained, %d steps, loss %.4f, %.1f s", self.worker_id, model.version,

@@ -1,34 +1,35 @@
-"""Load a data set split as normalised in-memory tensors.
+"""Read a built-in data set (MNIST, Fashion-MNIST, CIFAR-10) as normalised in-memory tensors.
 
-Files live in a cache directory ``root`` in torchvision's layout (``root/MNIST/raw/*.gz``,
-``root/FashionMNIST/raw/*.gz``, ``root/cifar-10-batches-py/...``). Missing files are taken,
-in order, from a read-only ``mirror`` holding the same layout, then from the internet through
-torchvision (when ``download`` is true). The whole split is turned into one float tensor at
-once rather than through per-item PIL transforms, which would be far too slow.
+The files come through :mod:`fedmq.task.data_files` (cache, mirror, download). Two ways to read:
+
+- :func:`load_split`: a whole split as one float tensor (the aggregator's test set). The
+  conversion is done on the whole uint8 array at once rather than through per-item PIL
+  transforms, which would be far too slow.
+- :func:`load_labels` then :func:`load_rows`: a worker reads the labels (to compute the
+  partitions), then converts only its own partition's rows to float. For MNIST-like data the
+  images file is memory-mapped, so a worker does not even read the other rows; 10 workers on
+  one host no longer each build the whole 188 MB float training set.
+
+Both give bit-identical rows: the same uint8 pixels go through the same float operations.
 """
 
 from __future__ import annotations
 
 import functools
-import gzip
 import logging
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Callable
 
 import numpy as np
 import torch
-import torchvision
-from torchvision.datasets.utils import extract_archive
 
 from fedmq.errors import DataUnavailable
+from fedmq.task.data_files import DATASETS, canonical_name, dataset_class, ensure_files, idx_files
 
 logger = logging.getLogger(__name__)
 
-DATASETS = ("mnist", "fashion-mnist", "cifar10")
+__all__ = ["DATASETS", "TensorSplit", "forget_cached_splits", "input_shape", "load_labels", "load_rows",
+           "load_split", "normalisation", "normalise"]
 
 # Per-channel mean and standard deviation of the training images, pixel values in [0, 1].
 _NORMALISATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
@@ -43,18 +44,7 @@ _INPUT_SHAPES: dict[str, tuple[int, int, int]] = {
     "cifar10": (3, 32, 32),
 }
 
-# The folders torchvision's MNIST and FashionMNIST classes read from, under root.
-_IDX_FOLDERS = {"mnist": "MNIST/raw", "fashion-mnist": "FashionMNIST/raw"}
-# torchvision reads the unpacked files, but downloads (and mirrors hold) the .gz ones.
-_IDX_FILES = (
-    "train-images-idx3-ubyte",
-    "train-labels-idx1-ubyte",
-    "t10k-images-idx3-ubyte",
-    "t10k-labels-idx1-ubyte",
-)
-_CIFAR_FOLDER = "cifar-10-batches-py"
-_CIFAR_FILES = tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch", "batches.meta")
-_CIFAR_ARCHIVE = "cifar-10-python.tar.gz"
+_NUM_CLASSES = {"mnist": 10, "fashion-mnist": 10, "cifar10": 10}
 
 
 @dataclass(frozen=True)
@@ -92,18 +82,7 @@ class TensorSplit:
 
     def subset(self, indices: np.ndarray) -> "TensorSplit":
         """A new split holding copies of the rows at ``indices`` (1-D integers), contiguous."""
-        array = np.asarray(indices)
-        if array.ndim != 1:
-            raise ValueError(f"indices must be 1-D, got shape {array.shape}")
-        if array.size and not np.issubdtype(array.dtype, np.integer):
-            raise ValueError(f"indices must be integers, got dtype {array.dtype}")
-        array = array.astype(np.int64, copy=False)
-        if array.size and (array.min() < 0 or array.max() >= len(self)):
-            raise ValueError(
-                f"indices must lie in [0, {len(self)}), got values from {array.min()} "
-                f"to {array.max()}"
-            )
-        rows = torch.from_numpy(np.ascontiguousarray(array))
+        rows = torch.from_numpy(_check_rows(indices, len(self)))
         # index_select allocates new, contiguous storage: the subset shares nothing.
         return TensorSplit(
             images=self.images.index_select(0, rows),
@@ -114,7 +93,23 @@ class TensorSplit:
 
 def input_shape(name: str) -> tuple[int, int, int]:
     """The shape (C, H, W) of one image of data set ``name``."""
-    return _INPUT_SHAPES[_canonical(name)]
+    return _INPUT_SHAPES[canonical_name(name)]
+
+
+def normalisation(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel (mean, std) of data set ``name``'s training images, pixels in [0, 1]."""
+    return _NORMALISATION[canonical_name(name)]
+
+
+def normalise(pixels: torch.Tensor, name: str) -> torch.Tensor:
+    """uint8 pixels [N, C, H, W] to float32 normalised as data set ``name`` is (a new tensor)."""
+    mean, std = normalisation(name)
+    if pixels.dtype != torch.uint8 or pixels.dim() != 4 or pixels.shape[1] != len(mean):
+        raise ValueError(f"want uint8 pixels [N, {len(mean)}, H, W], got {pixels.dtype} {tuple(pixels.shape)}")
+    images = pixels.to(torch.float32).div_(255.0).contiguous()
+    channel_shape = (1, len(mean), 1, 1)
+    images.sub_(torch.tensor(mean).view(channel_shape)).div_(torch.tensor(std).view(channel_shape))
+    return images
 
 
 def load_split(
@@ -133,45 +128,67 @@ def load_split(
     data cannot be had. Repeated loads of the same split from the same root in one process
     return the same (shared, read-only by convention) object.
     """
-    name = _canonical(name)
-    root = Path(root).expanduser().resolve()
-    required = _required_files(name, root)
-    if mirror is not None and _missing(required):
-        _copy_from_mirror(name, root, Path(mirror).expanduser().resolve())
-    # Always: a cache may hold only the .gz files, which torchvision does not read itself.
-    _unpack_local(name, root)
-    missing = _missing(required)
-    if missing:
-        if not download:
-            raise _unavailable(name, missing, mirror, "downloading is disabled (download=False)")
-        logger.info("downloading %s into %s", name, root)
-        try:
-            # Constructing the dataset downloads and unpacks; it is read again (cached) below.
-            _dataset_class(name)(str(root), train=train, download=True)
-        except Exception as error:  # noqa: BLE001 - torchvision raises URLError, RuntimeError, OSError...
-            raise _unavailable(
-                name, _missing(required), mirror, f"the download failed ({error})"
-            ) from error
+    name = canonical_name(name)
+    root = ensure_files(name, root, train=train, mirror=mirror, download=download)
     return _read_split(name, str(root), bool(train))
 
 
+def load_labels(
+    name: str, root: Path, *, train: bool, mirror: Path | None = None, download: bool = True
+) -> np.ndarray:
+    """The int64 label of every row of a split, in order (what partitioning needs)."""
+    name = canonical_name(name)
+    root = ensure_files(name, root, train=train, mirror=mirror, download=download)
+    if name == "cifar10":
+        return _cifar_arrays(str(root), bool(train))[1]
+    _, labels_file = idx_files(name, root, train=train)
+    return np.asarray(_idx_array(labels_file, ndim=1), dtype=np.int64)
+
+
+def load_rows(
+    name: str,
+    root: Path,
+    rows: np.ndarray,
+    *,
+    train: bool,
+    mirror: Path | None = None,
+    download: bool = True,
+) -> TensorSplit:
+    """Only the rows at ``rows`` (1-D integers) of a split, converted and normalised.
+
+    Equal, bit for bit, to ``load_split(...).subset(rows)`` without ever converting the other
+    rows; the result is private to the caller.
+    """
+    name = canonical_name(name)
+    root = ensure_files(name, root, train=train, mirror=mirror, download=download)
+    if name == "cifar10":
+        data, labels = _cifar_arrays(str(root), bool(train))
+        index = _check_rows(rows, len(labels))
+        pixels = torch.from_numpy(data[index]).permute(0, 3, 1, 2)  # [N, H, W, C] -> [N, C, H, W]
+    else:
+        images_file, labels_file = idx_files(name, root, train=train)
+        images = _idx_array(images_file, ndim=3)
+        labels = _idx_array(labels_file, ndim=1)
+        if len(images) != len(labels):
+            raise DataUnavailable(f"{images_file} holds {len(images)} images but {labels_file} {len(labels)} labels")
+        index = _check_rows(rows, len(labels))
+        # Fancy indexing a memory map reads just these rows from the page cache.
+        pixels = torch.from_numpy(np.ascontiguousarray(images[index])).unsqueeze(1)
+    return TensorSplit(normalise(pixels, name), torch.from_numpy(np.asarray(labels[index], dtype=np.int64)),
+                       _NUM_CLASSES[name])
+
+
 def forget_cached_splits() -> None:
-    """Drop the splits :func:`load_split` keeps in memory (a worker calls this once it has
+    """Drop the splits this module keeps in memory (a worker calls this once it has
     copied its partition: the full MNIST training set alone is 188 MB of float32)."""
     _read_split.cache_clear()
+    _cifar_arrays.cache_clear()
 
 
 @functools.lru_cache(maxsize=4)
 def _read_split(name: str, root: str, train: bool) -> TensorSplit:
     """Read a split whose files are all in ``root`` and convert it to tensors (cached)."""
-    try:
-        dataset = _dataset_class(name)(root, train=train, download=False)
-    except Exception as error:  # noqa: BLE001 - a present but unreadable file (truncated, corrupt)
-        raise DataUnavailable(
-            f"data set {name!r} in {root} could not be read ({error}); delete the damaged "
-            "files and load again to fetch fresh copies"
-        ) from error
-    mean, std = _NORMALISATION[name]
+    dataset = _open(name, root, train)
     if name == "cifar10":
         # CIFAR10.data is a numpy uint8 array [N, H, W, C]; the models want [N, C, H, W].
         pixels = torch.from_numpy(np.asarray(dataset.data)).permute(0, 3, 1, 2)
@@ -180,124 +197,58 @@ def _read_split(name: str, root: str, train: bool) -> TensorSplit:
         # MNIST.data is a uint8 tensor [N, H, W]; add the channel axis.
         pixels = dataset.data.unsqueeze(1)
         labels = dataset.targets.to(torch.int64)
-    images = pixels.to(torch.float32).div_(255.0).contiguous()
-    channel_shape = (1, len(mean), 1, 1)
-    images.sub_(torch.tensor(mean).view(channel_shape)).div_(torch.tensor(std).view(channel_shape))
+    images = normalise(pixels, name)
     logger.info("loaded %s %s split: %d images", name, "train" if train else "test", len(labels))
     return TensorSplit(images=images, labels=labels.contiguous(), num_classes=len(dataset.classes))
 
 
-def _canonical(name: str) -> str:
-    key = name.strip().lower() if isinstance(name, str) else name
-    if key not in DATASETS:
-        raise ValueError(f"unknown data set {name!r}; expected one of {', '.join(DATASETS)}")
-    return key
+@functools.lru_cache(maxsize=2)
+def _cifar_arrays(root: str, train: bool) -> tuple[np.ndarray, np.ndarray]:
+    """CIFAR-10's uint8 pixels [N, H, W, C] and int64 labels (cached: labels, then rows)."""
+    dataset = _open("cifar10", root, train)
+    return np.asarray(dataset.data), np.asarray(dataset.targets, dtype=np.int64)
 
 
-def _dataset_class(name: str) -> type:
-    return {
-        "mnist": torchvision.datasets.MNIST,
-        "fashion-mnist": torchvision.datasets.FashionMNIST,
-        "cifar10": torchvision.datasets.CIFAR10,
-    }[name]
-
-
-def _required_files(name: str, root: Path) -> list[tuple[Path, ...]]:
-    """Per needed file, the paths that satisfy it (any one of them will do).
-
-    torchvision's MNIST reads unpacked idx files but they unpack from the ``.gz`` ones
-    without the network, so either form counts as present. The gzip is listed first: it is
-    the name people download and mirrors hold, so error messages name it.
-    """
-    if name == "cifar10":
-        return [(root / _CIFAR_FOLDER / file,) for file in _CIFAR_FILES]
-    folder = root / _IDX_FOLDERS[name]
-    return [(folder / f"{file}.gz", folder / file) for file in _IDX_FILES]
-
-
-def _missing(required: list[tuple[Path, ...]]) -> list[Path]:
-    return [choices[0] for choices in required if not any(path.is_file() for path in choices)]
-
-
-def _copy_from_mirror(name: str, root: Path, mirror: Path) -> None:
-    """Copy the files ``root`` lacks from ``mirror`` (same layout); the mirror is only read."""
-    if mirror == root:
-        return
-    for choices in _required_files(name, root):
-        if any(path.is_file() for path in choices):
-            continue
-        for path in choices:
-            source = mirror / path.relative_to(root)
-            if source.is_file():
-                logger.info("copying %s from mirror %s", path.relative_to(root), mirror)
-                _atomic_copy(source, path)
-                break
-    if name == "cifar10" and _missing(_required_files(name, root)):
-        # A mirror may hold the original archive instead of the unpacked batches.
-        archive = mirror / _CIFAR_ARCHIVE
-        if archive.is_file() and not (root / _CIFAR_ARCHIVE).is_file():
-            logger.info("copying %s from mirror %s", _CIFAR_ARCHIVE, mirror)
-            _atomic_copy(archive, root / _CIFAR_ARCHIVE)
-
-
-def _unpack_local(name: str, root: Path) -> None:
-    """Unpack archives already in ``root`` so that torchvision finds its files offline."""
-    if name == "cifar10":
-        archive = root / _CIFAR_ARCHIVE
-        if archive.is_file() and _missing(_required_files(name, root)):
-            logger.info("unpacking %s", archive)
-            _extract_cifar(archive, root)
-        return
-    for packed, unpacked in _required_files(name, root):
-        if packed.is_file() and not unpacked.is_file():
-            logger.info("unpacking %s", packed)
-            with gzip.open(packed, "rb") as source:
-                _atomic_write(unpacked, lambda target: shutil.copyfileobj(source, target))
-
-
-def _extract_cifar(archive: Path, root: Path) -> None:
-    # Extract beside the final folder, then move files into place one by one, so another
-    # process loading the same cache never sees a half-written batch file.
-    with tempfile.TemporaryDirectory(dir=root, prefix=".unpack-") as scratch:
-        extract_archive(str(archive), scratch)
-        (root / _CIFAR_FOLDER).mkdir(parents=True, exist_ok=True)
-        for file in _CIFAR_FILES:
-            unpacked = Path(scratch) / _CIFAR_FOLDER / file
-            if unpacked.is_file() and not (root / _CIFAR_FOLDER / file).is_file():
-                os.replace(unpacked, root / _CIFAR_FOLDER / file)
-
-
-def _atomic_copy(source: Path, target: Path) -> None:
-    with open(source, "rb") as reader:
-        _atomic_write(target, lambda writer: shutil.copyfileobj(reader, writer))
-
-
-def _atomic_write(target: Path, write: Callable[[BinaryIO], object]) -> None:
-    """Write ``target`` through a temporary file in the same folder, then rename it.
-
-    Several workers may share one cache; the rename makes a file appear whole or not at all.
-    """
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+def _open(name: str, root: str, train: bool):  # noqa: ANN202 - a torchvision dataset
     try:
-        with os.fdopen(handle, "wb") as writer:
-            write(writer)
-        # mkstemp makes the file private (0600); a shared cache must be readable by all.
-        os.chmod(temporary, 0o644)
-        os.replace(temporary, target)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+        return dataset_class(name)(root, train=train, download=False)
+    except Exception as error:  # noqa: BLE001 - a present but unreadable file (truncated, corrupt)
+        raise DataUnavailable(
+            f"data set {name!r} in {root} could not be read ({error}); delete the damaged "
+            "files and load again to fetch fresh copies"
+        ) from error
 
 
-def _unavailable(
-    name: str, missing: list[Path], mirror: Path | None, reason: str
-) -> DataUnavailable:
-    files = "\n".join(f"  {path}" for path in missing)
-    searched = f"the mirror {mirror} does not hold them" if mirror else "no mirror was given"
-    return DataUnavailable(
-        f"data set {name!r} is not available: {reason}, {searched}, and these files are "
-        f"missing:\n{files}\n"
-        "Pass a folder that holds them in the same layout as a mirror (--data-mirror or "
-        "FEDMQ_DATA_MIRROR), or run with internet access so torchvision can download them."
-    )
+def _idx_array(path: Path, *, ndim: int) -> np.ndarray:
+    """The uint8 array of an idx file (MNIST's format), memory-mapped, not read.
+
+    The format: two zero bytes, a type byte (0x08: unsigned byte), the number of dimensions,
+    then each dimension as a big-endian int32, then the data in C order.
+    """
+    try:
+        with open(path, "rb") as handle:
+            header = handle.read(4 + 4 * ndim)
+        size = path.stat().st_size
+    except OSError as error:
+        raise DataUnavailable(f"{path} could not be read ({error})") from error
+    if len(header) < 4 + 4 * ndim or header[:3] != b"\x00\x00\x08" or header[3] != ndim:
+        raise DataUnavailable(f"{path} is not an idx file of {ndim}-D unsigned bytes; delete it and load again")
+    shape = tuple(int(d) for d in np.frombuffer(header[4:], dtype=">i4"))
+    if size != len(header) + int(np.prod(shape)):
+        raise DataUnavailable(f"{path} is {size} bytes, its header says {shape}: truncated? delete it and load again")
+    return np.memmap(path, dtype=np.uint8, mode="r", offset=len(header), shape=shape)
+
+
+def _check_rows(indices: object, length: int) -> np.ndarray:
+    """``indices`` as a 1-D int64 array within ``[0, length)``; ValueError otherwise."""
+    array = np.asarray(indices)
+    if array.ndim != 1:
+        raise ValueError(f"indices must be 1-D, got shape {array.shape}")
+    if array.size and not np.issubdtype(array.dtype, np.integer):
+        raise ValueError(f"indices must be integers, got dtype {array.dtype}")
+    array = array.astype(np.int64, copy=False)
+    if array.size and (array.min() < 0 or array.max() >= length):
+        raise ValueError(
+            f"indices must lie in [0, {length}), got values from {array.min()} to {array.max()}"
+        )
+    return np.ascontiguousarray(array)

@@ -7,12 +7,13 @@ model from the same spec, and with the same ``seed`` they start from identical w
 
 from __future__ import annotations
 
-import importlib
 import logging
 from typing import Callable
 
 import torch
 from torch import nn
+
+from fedmq.task.factories import resolve_factory
 
 logger = logging.getLogger(__name__)
 
@@ -137,21 +138,4 @@ def _resolve(spec: str) -> Callable[[], object]:
             f"unknown model {spec!r}; use one of {', '.join(BUILTIN_MODELS)} "
             "or 'package.module:factory' (a function with no arguments returning an nn.Module)"
         )
-    module_name, _, attribute = spec.partition(":")
-    if not module_name or not attribute:
-        raise ValueError(f"model spec {spec!r} must have the form 'package.module:factory'")
-    try:
-        target: object = importlib.import_module(module_name)
-    except ImportError as error:
-        raise ValueError(f"model spec {spec!r}: cannot import module {module_name!r}: {error}") from error
-    # A dotted attribute ("module:Class.create") walks down from the module.
-    for part in attribute.split("."):
-        try:
-            target = getattr(target, part)
-        except AttributeError as error:
-            raise ValueError(
-                f"model spec {spec!r}: module {module_name!r} has no attribute {attribute!r}"
-            ) from error
-    if not callable(target):
-        raise TypeError(f"model spec {spec!r}: {attribute!r} is not callable")
-    return target
+    return resolve_factory(spec, what="model")
