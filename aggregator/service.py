@@ -74,7 +74,7 @@ class Aggregator:
         self.task = TaskSpec(cfg.dataset, cfg.model, cfg.partition_scheme, cfg.partition_count,
                              cfg.dirichlet_alpha, cfg.shards_per_partition, cfg.seed)
         self.training = TrainingConfig(cfg.local_epochs, cfg.local_steps, cfg.batch_size, cfg.learning_rate,
-                                       cfg.optimizer, cfg.momentum, cfg.weight_decay)
+                                       cfg.optimizer, cfg.momentum, cfg.weight_decay, cfg.proximal_mu)
         self.close_policy = SyncClosePolicy(cfg.min_updates, cfg.quorum_fraction)
         self.device = resolve_device(cfg.eval_device)
         self.model = build_model(cfg.model, seed=cfg.seed).to(self.device)

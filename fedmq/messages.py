@@ -187,6 +187,8 @@ class TrainingConfig:
     optimizer: str
     momentum: float
     weight_decay: float
+    #: FedProx's mu: each worker adds mu/2 * ||w - w_global||^2 to its local loss (0: FedAvg).
+    proximal_mu: float = 0.0
 
     def to_wire(self) -> dict[str, Any]:
         return _plain_fields(self)
@@ -202,6 +204,7 @@ class TrainingConfig:
             optimizer=r.choice("optimizer", OPTIMIZERS),
             momentum=r.bounded("momentum", low=0.0, high=1.0, high_open=True),
             weight_decay=r.bounded("weight_decay", low=0.0),
+            proximal_mu=r.bounded("proximal_mu", low=0.0),
         )
         if config.local_epochs == 0 and config.local_steps == 0:
             raise InvalidMessage("schema", "training: local_epochs and local_steps are both 0")

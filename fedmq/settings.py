@@ -89,6 +89,7 @@ class RunSettings:
     optimizer: str = setting("sgd", "local optimizer", choices=("sgd", "adam"))
     momentum: float = setting(0.0, "SGD momentum")
     weight_decay: float = setting(0.0, "weight decay")
+    proximal_mu: float = setting(0.0, "FedProx: workers add MU/2 times the squared L2 distance to the global model to their local loss (0: plain FedAvg)")
     min_updates: int = setting(1, "fewest updates that may close a version (at the deadline)")
     quorum_fraction: float = setting(1.0, "a version closes at once when this fraction of its selected live workers has reported")
     client_fraction: float = setting(1.0, "fraction of live workers selected for each version (FedAvg's C)")
@@ -231,6 +232,7 @@ def validate(s: Settings) -> None:
     _require(r.round_timeout_s > 0, "round_timeout_s", "must be > 0")
     _require(r.worker_timeout_s > 0, "worker_timeout_s", "must be > 0")
     _require(r.eval_batch_size >= 1, "eval_batch_size", "must be >= 1")
+    _require(r.proximal_mu >= 0, "proximal_mu", "must be >= 0")
     _require(w.partition >= -1, "partition", "must be -1 (assigned) or a partition index")
     _require(w.heartbeat_interval_s > 0, "heartbeat_interval_s", "must be > 0")
     _require(w.heartbeat_interval_s < r.worker_timeout_s, "heartbeat_interval_s",

@@ -51,6 +51,10 @@ def train_locally(model: torch.nn.Module, weights: Mapping[str, torch.Tensor], i
     model.load_state_dict(weights)
     model.train()
     optimizer = make_optimizer(config, model.parameters())
+    # FedProx: the proximal term pulls the local solution towards the global model it started
+    # from, which keeps heterogeneous workers' updates from drifting apart.
+    mu = config.proximal_mu
+    anchors = [p.detach().clone() for p in model.parameters()] if mu > 0 else []
     n = len(labels)
     batch = config.batch_size or n
     per_epoch = math.ceil(n / batch)
@@ -71,7 +75,11 @@ def train_locally(model: torch.nn.Module, weights: Mapping[str, torch.Tensor], i
             index = order[start:start + batch]
             optimizer.zero_grad(set_to_none=True)
             loss = F.cross_entropy(model(images[index]), labels[index])
-            loss.backward()
+            if mu > 0:
+                proximal = sum((p - a).pow(2).sum() for p, a in zip(model.parameters(), anchors))
+                (loss + mu / 2 * proximal).backward()
+            else:
+                loss.backward()
             optimizer.step()
             loss_sum += loss.detach()
             loss_count += 1
