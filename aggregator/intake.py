@@ -25,6 +25,7 @@ import torch
 
 from aggregator.checkpoint import UpdateKey
 from aggregator.fedavg import check_compatible
+from aggregator.pipeline import AggregationPipeline, UpdateContext
 from aggregator.rounds import OpenRound
 from fedmq.broker.base import Broker
 from fedmq.errors import InvalidMessage
@@ -90,8 +91,9 @@ class UpdateIntake:
     """
 
     def __init__(self, broker: Broker, transport: Transport, run_id: str, num_partitions: int, *,
-                 update_bytes: int, max_frame_bytes: int) -> None:
+                 update_bytes: int, max_frame_bytes: int, pipeline: AggregationPipeline | None = None) -> None:
         self.broker = broker
+        self.pipeline = pipeline or AggregationPipeline()
         self.transport = transport
         self.run_id = run_id
         self.num_partitions = num_partitions
@@ -151,10 +153,11 @@ class UpdateIntake:
         self._fold(round_, update, raw)
 
     def _fold(self, round_: OpenRound, update: WeightUpdate, raw: ReceivedBytes) -> None:
-        round_.running.fold(update.delta, update.num_samples)
+        self.pipeline.fold(round_.combiner, update.delta, UpdateContext(update.worker_id, update.num_samples))
         round_.folded.add(update.worker_id)
         self._ack(round_.hold(update.worker_id, raw.deliveries))
         round_.weighted_train_loss += update.train_loss * update.num_samples
+        round_.train_samples += update.num_samples
         log.info("version %d: update %d/%d from %s (%d samples, train loss %.4f, %.1f s)%s",
                  round_.version, len(round_.folded), len(round_.expected), update.worker_id,
                  update.num_samples, update.train_loss, update.train_seconds,

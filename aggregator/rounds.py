@@ -6,13 +6,14 @@ import dataclasses
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from aggregator.fedavg import RunningSum
+from aggregator.pipeline import Combiner
 from fedmq.broker.base import Delivery
 
 
 @dataclass
 class OpenRound:
-    """Model version ``version``: updates for it are folded into ``running`` as they arrive.
+    """Model version ``version``: updates for it are folded into ``combiner`` (see
+    :mod:`aggregator.pipeline`) as they arrive.
 
     The round exists from the moment the aggregator holds ``version``, before its broadcast
     (``broadcast`` is None until then): updates redelivered after a restart are folded at once
@@ -22,7 +23,7 @@ class OpenRound:
     """
 
     version: int
-    running: RunningSum
+    combiner: Combiner
     selected: tuple[str, ...] = ()  # what the broadcast names; () means every worker may train
     expected: set[str] = field(default_factory=set)
     started: float = 0.0
@@ -31,7 +32,8 @@ class OpenRound:
     attempt: int = 0  # of the current broadcast (see ModelBroadcast)
     folded: set[str] = field(default_factory=set)
     held: dict[str, tuple[Delivery, ...]] = field(default_factory=dict)  # worker -> its update's newest copy
-    weighted_train_loss: float = 0.0
+    weighted_train_loss: float = 0.0  # sum of train_loss * num_samples over the folded updates
+    train_samples: int = 0
     bytes_up: int = 0
     bytes_down: int = 0
     stale: int = 0

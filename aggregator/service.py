@@ -1,8 +1,9 @@
 """The aggregator: hold a model version, broadcast it, fold updates as they come, close it.
 
 The round loop owns the messaging and asks two seams what to do: the close policy
-(:mod:`aggregator.close_policy`) when a version closes, and :meth:`Aggregator._aggregate` (the
-aggregation pipeline, FedAvg today) what the next model is. Update intake is decided in
+(:mod:`aggregator.close_policy`) when a version closes, and the aggregation pipeline
+(:mod:`aggregator.pipeline`: weighting, update stages, combiner, server optimizer) what an update
+counts for and what the next model is. Update intake is decided in
 :mod:`aggregator.intake`, workers and liveness in :mod:`aggregator.membership`. One thread does
 everything (pika connections are not thread-safe).
 
@@ -21,13 +22,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import torch
 
 from aggregator.checkpoint import CheckpointStore
 from aggregator.close_policy import Decision, SyncClosePolicy
-from aggregator.fedavg import RunningSum, check_compatible, fedavg_step, non_finite_tensors
+from aggregator.fedavg import check_compatible, non_finite_tensors
 from aggregator.intake import UpdateIntake
 from aggregator.membership import Membership
+from aggregator.pipeline import AggregationPipeline, Proposal
 from aggregator.registry import WorkerRegistry
 from aggregator.rounds import OpenRound, VersionRecord
 from aggregator.selection import select_participants
@@ -76,6 +77,7 @@ class Aggregator:
         self.training = TrainingConfig(cfg.local_epochs, cfg.local_steps, cfg.batch_size, cfg.learning_rate,
                                        cfg.optimizer, cfg.momentum, cfg.weight_decay, cfg.proximal_mu)
         self.close_policy = SyncClosePolicy(cfg.min_updates, cfg.quorum_fraction)
+        self.pipeline = AggregationPipeline()
         self.device = resolve_device(cfg.eval_device)
         self.model = build_model(cfg.model, seed=cfg.seed).to(self.device)
         self.weights = {k: v.detach().to("cpu").clone() for k, v in self.model.state_dict().items()}
@@ -93,7 +95,7 @@ class Aggregator:
         self.membership = Membership(self.registry, self.transport, self.run_id, self.task, clock, self._on_joined)
         self.intake = UpdateIntake(broker, self.transport, self.run_id, self.task.num_partitions,
                                    update_bytes=encoded_size_bound(self.weights),
-                                   max_frame_bytes=settings.broker.max_frame_bytes)
+                                   max_frame_bytes=settings.broker.max_frame_bytes, pipeline=self.pipeline)
         self.round: OpenRound | None = self._new_round(self.version)
         self.finished = False
         self._stop_requested = False
@@ -195,7 +197,7 @@ class Aggregator:
 
     # -- rounds ---------------------------------------------------------------------------------
     def _new_round(self, version: int) -> OpenRound:
-        return OpenRound(version, RunningSum(self.weights))
+        return OpenRound(version, self.pipeline.new_combiner(self.weights))
 
     def _open_round(self, round_: OpenRound) -> None:
         live = self.registry.live_ids()
@@ -235,17 +237,13 @@ class Aggregator:
         round_.bytes_down += sent * len(live)  # the fanout copies it into every live inbox
         return sent
 
-    def _aggregate(self, round_: OpenRound) -> dict[str, torch.Tensor]:
-        """The aggregation pipeline: the next model from the current one and the round's updates."""
-        return fedavg_step(self.weights, round_.running)
-
     def _close_round(self, round_: OpenRound) -> None:
-        weights = self._aggregate(round_)
-        bad = non_finite_tensors(weights)
+        proposal: Proposal = self.pipeline.propose(self.weights, round_.combiner)
+        bad = non_finite_tensors(proposal.weights)
         if bad:
             self._refuse_step(round_, bad)
             return
-        self.weights = weights
+        self.weights = proposal.weights
         evaluation = self._test()
         version = round_.version + 1
         folded = frozenset((self.run_id, round_.version, w) for w in round_.folded)
@@ -253,12 +251,13 @@ class Aggregator:
         self.store.save(self.run_id, version, self.weights, self.registry.partition_table,
                         live_workers=self.registry.live_ids(), folded=folded)
         self.checkpointed = folded
+        self.pipeline.commit(proposal)
         for delivery in round_.held_deliveries():
             self.broker.ack(delivery)
         record = VersionRecord(
             self.run_id, version, len(round_.folded), len(round_.expected),
             evaluation.accuracy if evaluation else None, evaluation.loss if evaluation else None,
-            round_.weighted_train_loss / round_.running.total_weight, round_.bytes_up, round_.bytes_down,
+            round_.weighted_train_loss / max(round_.train_samples, 1), round_.bytes_up, round_.bytes_down,
             self.clock() - round_.started, len(self.registry.live_ids()), round_.stale, round_.duplicates,
             round_.dead_lettered, round_.rebroadcasts, self.refused_steps)
         self.version, self.refused_steps = version, 0

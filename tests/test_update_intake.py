@@ -60,7 +60,7 @@ def test_stale_duplicate_unselected_and_foreign_updates_are_settled_without_deco
                 template=TEMPLATE)  # already in the checkpoint
     assert intake.decoded == [1]  # none of those five was decoded
     assert (round_.duplicates, round_.stale, round_.dead_lettered, round_.folded) == (1, 3, 1, {"w"})
-    assert float(round_.running.mean()["w"][0, 0]) == 1.0
+    assert float(round_.combiner.mean()["w"][0, 0]) == 1.0
 
 
 def test_update_bounds_are_dead_lettered_with_the_reason(intake):
