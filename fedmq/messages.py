@@ -35,7 +35,8 @@ SCHEMA_VERSION = 1
 class _Reader:
     """Strict, typed access to one decoded map; every defect is an InvalidMessage."""
 
-    def __init__(self, kind: str, raw: Mapping[str, Any], fields: tuple[str, ...]) -> None:
+    def __init__(self, kind: str, raw: Mapping[str, Any], fields: tuple[str, ...], *,
+                 max_elements: int | None = None) -> None:
         extra = set(raw) - set(fields) - {"schema", "kind"}
         missing = set(fields) - set(raw)
         if extra or missing:
@@ -43,6 +44,13 @@ class _Reader:
                 "schema", f"{kind}: missing fields {sorted(missing)}, unexpected {sorted(map(str, extra))}"
             )
         self.kind, self.raw = kind, raw
+        self.max_elements = max_elements  # what compressed tensors may declare (see decode)
+
+    def tensors(self, name: str) -> dict[str, torch.Tensor]:
+        """A tensor list field, decoded (see :func:`fedmq.tensor_codec.decode_tensors`) and finite."""
+        tensors = decode_tensors(self.raw[name], max_elements=self.max_elements)
+        check_finite(tensors)
+        return tensors
 
     def _bad(self, name: str, want: str) -> InvalidMessage:
         return InvalidMessage("schema", f"{self.kind}.{name}: want {want}, got {type(self.raw[name]).__name__}")
@@ -352,8 +360,7 @@ class ModelBroadcast:
 
     @classmethod
     def from_fields(cls, r: _Reader) -> "ModelBroadcast":
-        weights = decode_tensors(r.raw["weights"])
-        check_finite(weights)
+        weights = r.tensors("weights")
         return cls(r.ident("run_id"), r.int("version", minimum=0),
                    TrainingConfig.from_wire(r.map("training")), r.idents("selected"), weights,
                    r.int("attempt", minimum=0), r.idents("awaited"))
@@ -448,8 +455,7 @@ class WeightUpdate:
         train_loss, train_seconds, steps = r.float("train_loss"), r.float("train_seconds"), r.int("steps", minimum=0)
         if train_seconds < 0:
             raise InvalidMessage("bounds", f"update.train_seconds={train_seconds} is negative")
-        delta = decode_tensors(r.raw["delta"])
-        check_finite(delta)
+        delta = r.tensors("delta")
         return cls(head.run_id, head.base_version, head.worker_id, head.partition, head.num_samples,
                    train_loss, train_seconds, steps, delta)
 
@@ -472,8 +478,7 @@ class EvaluationRequest:
 
     @classmethod
     def from_fields(cls, r: _Reader) -> "EvaluationRequest":
-        weights = decode_tensors(r.raw["weights"])
-        check_finite(weights)
+        weights = r.tensors("weights")
         return cls(r.ident("run_id"), r.int("version", minimum=0), r.idents("selected"), weights)
 
 
@@ -612,8 +617,11 @@ def _decode_or_none(data: bytes) -> Message | None:
         return None
 
 
-def decode(data: bytes) -> Message:
-    """Bytes back to a message; :class:`InvalidMessage` for anything that is not one."""
+def decode(data: bytes, *, max_elements: int | None = None) -> Message:
+    """Bytes back to a message; :class:`InvalidMessage` for anything that is not one.
+
+    ``max_elements`` bounds the elements a message's compressed tensors may declare (the
+    receiver's model size), so a few bytes can never make the decoder allocate more than that."""
     try:
         raw = msgpack.unpackb(data, raw=False, strict_map_key=True)
     except Exception as exc:  # msgpack raises several unrelated types for garbage
@@ -627,4 +635,4 @@ def decode(data: bytes) -> Message:
     if cls is None:
         raise InvalidMessage("schema", f"unknown message kind {kind!r}")
     field_names = tuple(f.name for f in dataclasses.fields(cls))
-    return cls.from_fields(_Reader(kind, raw, field_names))
+    return cls.from_fields(_Reader(kind, raw, field_names, max_elements=max_elements))

@@ -1,23 +1,28 @@
 """Tensors on the wire: ``{name, dtype, shape, encoding, data}`` maps, never pickle.
 
-``encoding`` is ``"raw"`` (little-endian bytes of the dtype) for now; compressed encodings
-(quantised, sparse) will take their place beside it without changing the message layout.
+``encoding`` is ``"raw"`` (little-endian bytes of the dtype) or a compressed encoding of a float32
+tensor (:mod:`fedmq.codecs`: ``fp16``, ``bf16``, ``int8``, ``topk``); the layout is the same.
 Decoding checks everything a sender could get wrong: the dtype is known, the shape is a list of
-non-negative ints, the byte count matches, names are unique.
+non-negative ints, the byte count matches, names are unique, and a compressed tensor declares
+no more elements than the receiver allows (``max_elements``: its model's size), checked before
+anything is allocated.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 import torch
 
+from fedmq.codecs import RAW, Codec, decode_values
 from fedmq.errors import InvalidMessage
 
-RAW = "raw"
 MAX_RANK = 8
+#: The most elements a message's compressed tensors may declare when the receiver set no bound
+#: (1 GiB of float32): a sparse encoding's declared size is not limited by its byte count.
+DEFAULT_MAX_ELEMENTS = 1 << 28
 
 #: wire name -> (torch dtype, numpy dtype used to move the bytes)
 WIRE_DTYPES: dict[str, tuple[torch.dtype, np.dtype]] = {
@@ -54,12 +59,54 @@ def encode_tensor(name: str, tensor: torch.Tensor) -> dict[str, Any]:
     return {"name": name, "dtype": dtype_name, "shape": list(cpu.shape), "encoding": RAW, "data": data}
 
 
+class EncodedTensors(Mapping[str, torch.Tensor]):
+    """Tensors already encoded with a codec: the wire maps, and as a mapping the tensors a
+    receiver decodes from them (what error feedback and the downlink's closed loop need).
+    A message holding one writes its wire maps as they are (no second, different encoding)."""
+
+    def __init__(self, entries: list[dict[str, Any]], decoded: dict[str, torch.Tensor], codec: Codec) -> None:
+        self.entries, self.decoded, self.codec = entries, decoded, codec
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.decoded[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.decoded)
+
+    def __len__(self) -> int:
+        return len(self.decoded)
+
+    @property
+    def data_bytes(self) -> int:
+        """Bytes of the tensors' data on the wire (framing not counted)."""
+        return sum(len(e["data"]) for e in self.entries)
+
+
+def encode_with(codec: Codec, tensors: Mapping[str, torch.Tensor]) -> EncodedTensors:
+    """Encode every tensor with ``codec`` (raw where it does not compress that tensor) and
+    decode the result again, exactly as a receiver will."""
+    entries, decoded = [], {}
+    for name, tensor in tensors.items():
+        if codec.compresses(tensor):
+            encoding, data = codec.encode(tensor)
+            entry = {"name": name, "dtype": "float32", "shape": list(tensor.shape), "encoding": encoding, "data": data}
+            decoded[name] = decode_values(encoding, tensor.numel(), data, what=f"tensor {name!r}").reshape(tensor.shape)
+        else:
+            entry = encode_tensor(name, tensor)
+            decoded[name] = tensor.detach().to("cpu").clone()
+        entries.append(entry)
+    return EncodedTensors(entries, decoded, codec)
+
+
 def encode_tensors(tensors: Mapping[str, torch.Tensor]) -> list[dict[str, Any]]:
-    """A name -> tensor mapping as a list of wire maps, in the mapping's order."""
+    """A name -> tensor mapping as a list of wire maps, in the mapping's order (raw, unless the
+    mapping is :class:`EncodedTensors`)."""
+    if isinstance(tensors, EncodedTensors):
+        return tensors.entries
     return [encode_tensor(name, tensor) for name, tensor in tensors.items()]
 
 
-def _decode_tensor(entry: Any) -> tuple[str, torch.Tensor]:
+def _decode_tensor(entry: Any, budget: list[int]) -> tuple[str, torch.Tensor]:
     if not isinstance(entry, dict):
         raise InvalidMessage("schema", f"a tensor must be a map, got {type(entry).__name__}")
     expected = {"name", "dtype", "shape", "encoding", "data"}
@@ -70,8 +117,8 @@ def _decode_tensor(entry: Any) -> tuple[str, torch.Tensor]:
         raise InvalidMessage("schema", "tensor name must be a non-empty string")
     if dtype_name not in WIRE_DTYPES:
         raise InvalidMessage("schema", f"tensor {name!r}: unknown dtype {dtype_name!r}")
-    if encoding != RAW:
-        raise InvalidMessage("schema", f"tensor {name!r}: unknown encoding {encoding!r}")
+    if not isinstance(encoding, str):
+        raise InvalidMessage("schema", f"tensor {name!r}: encoding must be a string")
     if (
         not isinstance(shape, list)
         or len(shape) > MAX_RANK
@@ -80,6 +127,8 @@ def _decode_tensor(entry: Any) -> tuple[str, torch.Tensor]:
         raise InvalidMessage("shape", f"tensor {name!r}: bad shape {shape!r}")
     if not isinstance(data, bytes):
         raise InvalidMessage("schema", f"tensor {name!r}: data must be bytes")
+    if encoding != RAW:
+        return name, _decode_compressed(name, dtype_name, shape, encoding, data, budget)
     torch_dtype, np_dtype = WIRE_DTYPES[dtype_name]
     want = math.prod(shape) * np_dtype.itemsize
     if len(data) != want:
@@ -92,13 +141,29 @@ def _decode_tensor(entry: Any) -> tuple[str, torch.Tensor]:
     return name, tensor
 
 
-def decode_tensors(entries: Any) -> dict[str, torch.Tensor]:
-    """Wire maps back to an ordered name -> tensor dict; InvalidMessage on any defect."""
+def _decode_compressed(name: str, dtype_name: str, shape: list[int], encoding: str, data: bytes,
+                       budget: list[int]) -> torch.Tensor:
+    if dtype_name != "float32":
+        raise InvalidMessage("schema", f"tensor {name!r}: encoding {encoding!r} is for float32, not {dtype_name}")
+    count = math.prod(shape)
+    if count > budget[0]:
+        raise InvalidMessage("oversize", f"tensor {name!r}: {count} elements declared, more than the "
+                                         f"{budget[0]} this message may still hold")
+    budget[0] -= count
+    return decode_values(encoding, count, data, what=f"tensor {name!r}").reshape(shape)
+
+
+def decode_tensors(entries: Any, *, max_elements: int | None = None) -> dict[str, torch.Tensor]:
+    """Wire maps back to an ordered name -> tensor dict; InvalidMessage on any defect.
+
+    ``max_elements`` bounds the elements the compressed tensors may declare together (the
+    receiver's model size; default :data:`DEFAULT_MAX_ELEMENTS`)."""
     if not isinstance(entries, list):
         raise InvalidMessage("schema", "tensors must be a list")
     out: dict[str, torch.Tensor] = {}
+    budget = [DEFAULT_MAX_ELEMENTS if max_elements is None else max_elements]
     for entry in entries:
-        name, tensor = _decode_tensor(entry)
+        name, tensor = _decode_tensor(entry, budget)
         if name in out:
             raise InvalidMessage("schema", f"tensor {name!r} appears twice")
         out[name] = tensor
@@ -115,6 +180,11 @@ def check_finite(tensors: Mapping[str, torch.Tensor]) -> None:
 def payload_bytes(tensors: Mapping[str, torch.Tensor]) -> int:
     """Raw size of the tensors' data in bytes."""
     return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def element_count(tensors: Mapping[str, torch.Tensor]) -> int:
+    """Elements of all tensors together."""
+    return sum(t.numel() for t in tensors.values())
 
 
 def encoded_size_bound(weights: Mapping[str, torch.Tensor]) -> int:

@@ -56,6 +56,9 @@ class Transport:
             max_message_bytes=max_message_bytes, max_pending_bytes=max_pending_bytes)
         self.dead_letters: Counter[str] = Counter()
         self.dead_letter_rejects = 0
+        #: Elements a received message's compressed tensors may declare (None: the codec's
+        #: default bound); a service sets it to its model's size.
+        self.max_decoded_elements: int | None = None
 
     @property
     def max_message_bytes(self) -> int:
@@ -125,11 +128,10 @@ class Transport:
         payload, deliveries = done
         return ReceivedBytes(payload, tuple(deliveries), sum(len(d.body) for d in deliveries))
 
-    @staticmethod
-    def decode(raw: "ReceivedBytes") -> Message:
+    def decode(self, raw: "ReceivedBytes") -> Message:
         """The message in ``raw``; InvalidMessage (with ``deliveries``) if it is not one."""
         try:
-            whole = decode(raw.data)
+            whole = decode(raw.data, max_elements=self.max_decoded_elements)
             if isinstance(whole, Chunk):
                 raise InvalidMessage("schema", "a chunk inside a chunked message")
         except InvalidMessage as exc:
