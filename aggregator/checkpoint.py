@@ -19,6 +19,7 @@ stale table only costs a worker its old index).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
@@ -33,6 +34,9 @@ from fedmq.errors import FedmqError
 
 #: The metadata key holding the run state (a JSON object) in ``checkpoint.safetensors``.
 STATE_KEY = "fedmq.state"
+#: The metadata key holding the defence choices and the privacy ledger (a JSON object, see
+#: :meth:`aggregator.defences.Defences.checkpoint_state`); absent in older checkpoints.
+DEFENCES_KEY = "fedmq.defences"
 FORMAT = 2
 
 UpdateKey = tuple[str, int, str]  # (run_id, base_version, worker_id)
@@ -52,6 +56,7 @@ class Checkpoint:
     partition_table: dict[str, int]
     live_workers: tuple[str, ...] = ()  # live when the checkpoint was written
     folded: frozenset[UpdateKey] = field(default_factory=frozenset)  # updates folded into ``version``
+    defences: dict[str, Any] = field(default_factory=dict)  # choices and privacy ledger
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -85,7 +90,7 @@ class CheckpointStore:
 
     def save(self, run_id: str, version: int, weights: Mapping[str, torch.Tensor],
              partition_table: Mapping[str, int], *, live_workers: Iterable[str] = (),
-             folded: Iterable[UpdateKey] = ()) -> None:
+             folded: Iterable[UpdateKey] = (), defences: Mapping[str, Any] | None = None) -> None:
         """Make ``version`` durable in one atomic file: the updates folded into it (``folded``)
         may be acknowledged after this returns."""
         state = {
@@ -94,6 +99,8 @@ class CheckpointStore:
             "folded": sorted([r, b, w] for r, b, w in folded),
         }
         meta = {STATE_KEY: json.dumps(state, sort_keys=True), "run_id": run_id, "version": str(version)}
+        if defences:
+            meta[DEFENCES_KEY] = json.dumps(defences, sort_keys=True)
         tensors = _tensors(weights)
         _atomic_write(self.checkpoint_path, lambda p: save_file(tensors, str(p), metadata=meta))
         # A first-format state file beside a new checkpoint would only confuse a reader.
@@ -111,7 +118,10 @@ class CheckpointStore:
             raise CheckpointError(f"{self.checkpoint_path}: unreadable: {exc}") from None
         try:
             if STATE_KEY in meta:
-                return self._from_state(run_id, json.loads(meta[STATE_KEY]), weights)
+                checkpoint = self._from_state(run_id, json.loads(meta[STATE_KEY]), weights)
+                if checkpoint is not None and DEFENCES_KEY in meta:
+                    checkpoint = dataclasses.replace(checkpoint, defences=json.loads(meta[DEFENCES_KEY]))
+                return checkpoint
             return self._from_legacy(run_id, meta, weights)
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(f"{self.checkpoint_path}: bad run state: {exc!r}") from None

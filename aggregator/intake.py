@@ -153,7 +153,8 @@ class UpdateIntake:
         self._fold(round_, update, raw)
 
     def _fold(self, round_: OpenRound, update: WeightUpdate, raw: ReceivedBytes) -> None:
-        self.pipeline.fold(round_.combiner, update.delta, UpdateContext(update.worker_id, update.num_samples))
+        context = UpdateContext(update.worker_id, update.num_samples, partition=update.partition)
+        self.pipeline.fold(round_.combiner, update.delta, context)
         round_.folded.add(update.worker_id)
         self._ack(round_.hold(update.worker_id, raw.deliveries))
         round_.weighted_train_loss += update.train_loss * update.num_samples

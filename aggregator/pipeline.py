@@ -30,12 +30,14 @@ Tensors = Mapping[str, torch.Tensor]
 class UpdateContext:
     """What the weighting and the update stages may know of one update besides its delta.
 
-    ``staleness`` is the number of versions made since the update's base version (0 in sync mode).
+    ``staleness`` is the number of versions made since the update's base version (0 in sync mode);
+    ``partition`` the built-in partition the update says it trained (-1: the worker's own data).
     """
 
     worker_id: str
     num_samples: int
     staleness: int = 0
+    partition: int = -1
 
 
 class Combiner(Protocol):

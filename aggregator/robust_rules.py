@@ -149,3 +149,40 @@ def combine(rule: str, matrix: torch.Tensor, *, trim_fraction: float = 0.1, num_
 def _require_updates(matrix: torch.Tensor, least: int) -> None:
     if matrix.dim() != 2 or matrix.shape[1] < least:
         raise AggregationError(f"need a [P, N] matrix with N >= {least}, got shape {tuple(matrix.shape)}")
+
+
+class RobustCombiner:
+    """A :class:`aggregator.pipeline.Combiner` that keeps a version's updates in an
+    :class:`UpdateMatrix` (O(N*P) memory) and combines them by ``rule`` at :meth:`mean`.
+
+    The weights it is given are counted (``total_weight``) but do not enter the rule (see the
+    module doc).
+    """
+
+    def __init__(self, template: Tensors, rule: str, *, trim_fraction: float = 0.1, num_byzantine: int = 0,
+                 capacity: int = 16) -> None:
+        if rule not in RULES or rule == "fedavg":
+            raise AggregationError(f"a robust combiner needs one of {', '.join(RULES[1:])}, got {rule!r}")
+        self.rule, self.trim_fraction, self.num_byzantine = rule, trim_fraction, num_byzantine
+        self.updates = UpdateMatrix(template, capacity)
+        self.total_weight = 0.0
+        self.chosen: int | None = None  # Krum: the column it kept at the last mean()
+
+    @property
+    def count(self) -> int:
+        return self.updates.count
+
+    def fold(self, delta: Tensors, weight: float) -> None:
+        if not weight > 0:
+            raise AggregationError(f"an update's weight must be positive, got {weight}")
+        self.updates.add(delta)
+        self.total_weight += float(weight)
+
+    def mean(self) -> dict[str, torch.Tensor]:
+        """The combined delta (named 'mean' for the Combiner protocol; it is the rule's result)."""
+        matrix = self.updates.matrix
+        if self.rule == "krum":
+            flat, self.chosen = krum(matrix, self.num_byzantine)
+        else:
+            flat = combine(self.rule, matrix, trim_fraction=self.trim_fraction)
+        return self.updates.unflatten(flat)

@@ -86,6 +86,10 @@ class VersionRecord:
     federated_loss: float | None = None
     federated_samples: int = 0
     federated_workers: int = 0
+    clipped_updates: int = 0  # updates whose norm was above --clip-norm
+    dp_epsilon: float | None = None  # privacy spent so far at dp_delta (None: no DP)
+    dp_noise_std: float | None = None  # of the noise added to this version's mean delta
+    defences: dict[str, Any] = field(default_factory=dict)  # the run's choices (Defences.describe)
 
     @property
     def accuracy(self) -> float | None:
@@ -101,6 +105,8 @@ class VersionRecord:
         federated = "" if self.federated_accuracy is None else (
             f"  federated {self.federated_accuracy:.4f} ({self.federated_samples} samples, "
             f"{self.federated_workers} workers)")
+        privacy = "" if self.dp_epsilon is None else (
+            f"  epsilon {self.dp_epsilon:.3f} (delta {self.defences.get('dp_delta', 0):g})")
         return (f"version {self.version:3d}  participants {self.participants:3d}/{self.expected:<3d} {test}  "
                 f"up {self.bytes_up / 1e6:8.2f} MB  down {self.bytes_down / 1e6:8.2f} MB  {self.seconds:6.1f} s"
-                f"{federated}")
+                f"{federated}{privacy}")

@@ -25,6 +25,7 @@ from typing import Callable
 
 from aggregator.checkpoint import CheckpointStore
 from aggregator.close_policy import Decision, SyncClosePolicy
+from aggregator.defences import Defences, partition_sizes
 from aggregator.fedavg import check_compatible, non_finite_tensors
 from aggregator.intake import UpdateIntake
 from aggregator.membership import Membership
@@ -77,7 +78,10 @@ class Aggregator:
         self.training = TrainingConfig(cfg.local_epochs, cfg.local_steps, cfg.batch_size, cfg.learning_rate,
                                        cfg.optimizer, cfg.momentum, cfg.weight_decay, cfg.proximal_mu)
         self.close_policy = SyncClosePolicy(cfg.min_updates, cfg.quorum_fraction)
-        self.pipeline = AggregationPipeline()
+        self.defences = Defences(cfg, assigned=self._assigned_partition, partition_sizes=(
+            partition_sizes(self.task, settings.data.data_root, settings.data.data_mirror)
+            if cfg.aggregation == "fedavg" and cfg.dp_noise_multiplier == 0 else None))
+        self.pipeline = AggregationPipeline(**self.defences.pipeline_parts())
         self.device = resolve_device(cfg.eval_device)
         self.model = build_model(cfg.model, seed=cfg.seed).to(self.device)
         self.weights = {k: v.detach().to("cpu").clone() for k, v in self.model.state_dict().items()}
@@ -110,6 +114,7 @@ class Aggregator:
         check_compatible(self.weights, checkpoint.weights)
         self.weights, self.version = checkpoint.weights, checkpoint.version
         self.checkpointed = checkpoint.folded
+        self.defences.restore(checkpoint.defences)
         # The workers live at the checkpoint count as alive until they stay silent for the
         # timeout: the resumed version waits for them instead of closing on the first update.
         self.registry.restore(checkpoint.partition_table, checkpoint.live_workers, self.clock())
@@ -126,7 +131,7 @@ class Aggregator:
         log.info("run %s: %s on %s, %d partitions (%s), waiting for %d ready workers",
                  self.run_id, self.cfg.model, self.cfg.dataset, self.task.num_partitions,
                  self.task.partition_scheme, self.cfg.start_workers)
-        if self.version >= self.cfg.versions:
+        if self.version >= self.cfg.versions or self._budget_spent():
             self._finish()
         while not self.finished and not self._stop_requested:
             handled = self._handled
@@ -247,11 +252,16 @@ class Aggregator:
         evaluation = self._test()
         version = round_.version + 1
         folded = frozenset((self.run_id, round_.version, w) for w in round_.folded)
+        privacy = self.defences.privacy
+        ledger = privacy.propose() if privacy else None
         # Durable first, then acknowledge: an update is acked only once it is in a checkpoint.
         self.store.save(self.run_id, version, self.weights, self.registry.partition_table,
-                        live_workers=self.registry.live_ids(), folded=folded)
+                        live_workers=self.registry.live_ids(), folded=folded,
+                        defences=self.defences.checkpoint_state(ledger))
         self.checkpointed = folded
         self.pipeline.commit(proposal)
+        if privacy and ledger:
+            privacy.commit(ledger)
         for delivery in round_.held_deliveries():
             self.broker.ack(delivery)
         record = VersionRecord(
@@ -259,11 +269,12 @@ class Aggregator:
             evaluation.accuracy if evaluation else None, evaluation.loss if evaluation else None,
             round_.weighted_train_loss / max(round_.train_samples, 1), round_.bytes_up, round_.bytes_down,
             self.clock() - round_.started, len(self.registry.live_ids()), round_.stale, round_.duplicates,
-            round_.dead_lettered, round_.rebroadcasts, self.refused_steps)
+            round_.dead_lettered, round_.rebroadcasts, self.refused_steps,
+            **self.defences.version_notes(round_.folded))
         self.version, self.refused_steps = version, 0
         released = self.lines.closed(record)
         if (version >= self.cfg.versions or self._reached_target(record)
-                or (released is not None and self._reached_target(released))):
+                or (released is not None and self._reached_target(released)) or self._budget_spent()):
             self._score_final_version()
         else:
             self.round = self._new_round(version)
@@ -273,6 +284,20 @@ class Aggregator:
         """The version's accuracy (test set, else federated) reached ``--target-accuracy``."""
         target = self.cfg.target_accuracy
         return target > 0 and record.accuracy is not None and record.accuracy >= target
+
+    def _budget_spent(self) -> bool:
+        """One more version would spend more privacy than ``--dp-epsilon-budget``: the run ends here."""
+        privacy = self.defences.privacy
+        if privacy is None or not privacy.exhausted():
+            return False
+        log.warning("run %s: version %d would bring epsilon to %.4f, above the budget %.4f (delta %g); "
+                    "stopping at version %d (epsilon %.4f)", self.run_id, self.version + 1, privacy.next_epsilon(),
+                    privacy.budget, privacy.ledger.delta, self.version, privacy.epsilon)
+        return True
+
+    def _assigned_partition(self, worker_id: str) -> int | None:
+        record = self.registry.get(worker_id)
+        return None if record is None else record.partition
 
     def _test(self) -> Evaluation | None:
         """The current model on the aggregator's test set (None with ``--eval-data none``)."""

@@ -90,6 +90,23 @@ class RunSettings:
     momentum: float = setting(0.0, "SGD momentum")
     weight_decay: float = setting(0.0, "weight decay")
     proximal_mu: float = setting(0.0, "FedProx: workers add MU/2 times the squared L2 distance to the global model to their local loss (0: plain FedAvg)")
+    aggregation: str = setting("fedavg", "how a version's updates combine: fedavg streams a sample-weighted mean "
+                                         "(memory O(P)); trimmed-mean, median and krum keep all N updates of a version "
+                                         "at once (memory O(N*P): 4*N*P bytes, 665 MB for 100 updates of the CNN) and "
+                                         "ignore sample counts", choices=("fedavg", "trimmed-mean", "median", "krum"))
+    trim_fraction: float = setting(0.1, "trimmed-mean: fraction of the values cut at each end of every coordinate "
+                                        "(floor(N * fraction) each side)")
+    krum_attackers: int = setting(0, "krum: the number of attackers f it assumes (a version needs at least f+3 "
+                                     "updates: --min-updates)")
+    clip_norm: float = setting(0.0, "clip each update's L2 norm to this before it is combined (0: no clipping)")
+    max_samples_per_update: int = setting(0, "cap on the sample count an update may claim, its FedAvg weight (0: no "
+                                             "cap); updates of a built-in partition are also capped at its size")
+    dp_noise_multiplier: float = setting(0.0, "DP-FedAvg: Gaussian noise of standard deviation Z*C/m on the mean of "
+                                              "the m updates clipped to --clip-norm C, every update weighing 1 "
+                                              "(0: no differential privacy)")
+    dp_delta: float = setting(1e-5, "delta at which the privacy accountant reports epsilon")
+    dp_epsilon_budget: float = setting(0.0, "stop the run before a version would bring epsilon above this "
+                                            "(0: no budget)")
     min_updates: int = setting(1, "fewest updates that may close a version (at the deadline)")
     quorum_fraction: float = setting(1.0, "a version closes at once when this fraction of its selected live workers has reported")
     client_fraction: float = setting(1.0, "fraction of live workers selected for each version (FedAvg's C)")
@@ -233,6 +250,22 @@ def validate(s: Settings) -> None:
     _require(r.worker_timeout_s > 0, "worker_timeout_s", "must be > 0")
     _require(r.eval_batch_size >= 1, "eval_batch_size", "must be >= 1")
     _require(r.proximal_mu >= 0, "proximal_mu", "must be >= 0")
+    _require(0.0 <= r.trim_fraction < 0.5, "trim_fraction", "must be within [0, 0.5)")
+    _require(r.krum_attackers >= 0, "krum_attackers", "must be >= 0")
+    _require(r.aggregation != "krum" or r.min_updates >= r.krum_attackers + 3, "min_updates",
+             f"krum needs at least --krum-attackers + 3 = {r.krum_attackers + 3} updates per version")
+    _require(r.clip_norm >= 0, "clip_norm", "must be >= 0")
+    _require(r.max_samples_per_update >= 0, "max_samples_per_update", "must be >= 0")
+    _require(r.dp_noise_multiplier >= 0, "dp_noise_multiplier", "must be >= 0")
+    _require(r.dp_noise_multiplier == 0 or r.clip_norm > 0, "dp_noise_multiplier",
+             "DP noise is calibrated to the clipping norm: set --clip-norm / FEDMQ_CLIP_NORM too")
+    _require(r.dp_noise_multiplier == 0 or r.aggregation == "fedavg", "dp_noise_multiplier",
+             f"DP noise is calibrated to the mean of clipped updates; --aggregation {r.aggregation} has no "
+             "such sensitivity bound: use --aggregation fedavg")
+    _require(0.0 < r.dp_delta < 1.0, "dp_delta", "must be within (0, 1)")
+    _require(r.dp_epsilon_budget >= 0, "dp_epsilon_budget", "must be >= 0")
+    _require(r.dp_epsilon_budget == 0 or r.dp_noise_multiplier > 0, "dp_epsilon_budget",
+             "a privacy budget needs DP noise: set --dp-noise-multiplier")
     _require(w.partition >= -1, "partition", "must be -1 (assigned) or a partition index")
     _require(w.heartbeat_interval_s > 0, "heartbeat_interval_s", "must be > 0")
     _require(w.heartbeat_interval_s < r.worker_timeout_s, "heartbeat_interval_s",
