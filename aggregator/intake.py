@@ -131,11 +131,13 @@ class UpdateIntake:
             if round_ is not None:
                 round_.stale += 1
                 round_.bytes_up += raw.size
+                round_.copies_up += 1
             log.info("%s update from %s for version %d dropped (current %d)", verdict.action.value,
                      header.worker_id, header.base_version, version)
             return
         assert round_ is not None
         round_.bytes_up += raw.size
+        round_.copies_up += 1
         if verdict.action is Action.DUPLICATE:
             self._ack(round_.hold(header.worker_id, raw.deliveries))
             round_.duplicates += 1

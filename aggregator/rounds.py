@@ -36,6 +36,8 @@ class OpenRound:
     train_samples: int = 0
     bytes_up: int = 0
     bytes_down: int = 0
+    copies_up: int = 0  # update messages counted in bytes_up
+    copies_down: int = 0  # model messages counted in bytes_down (one per inbox reached)
     stale: int = 0
     duplicates: int = 0
     dead_lettered: int = 0
@@ -90,6 +92,10 @@ class VersionRecord:
     dp_epsilon: float | None = None  # privacy spent so far at dp_delta (None: no DP)
     dp_noise_std: float | None = None  # of the noise added to this version's mean delta
     defences: dict[str, Any] = field(default_factory=dict)  # the run's choices (Defences.describe)
+    #: bytes_up (bytes_down) over what the same messages take with raw float32 tensors (the
+    #: model's size per message): 1.0 with fp32, about 0.25 with int8; None when none was sent.
+    bytes_up_ratio: float | None = None
+    bytes_down_ratio: float | None = None
 
     @property
     def accuracy(self) -> float | None:
@@ -108,5 +114,15 @@ class VersionRecord:
         privacy = "" if self.dp_epsilon is None else (
             f"  epsilon {self.dp_epsilon:.3f} (delta {self.defences.get('dp_delta', 0):g})")
         return (f"version {self.version:3d}  participants {self.participants:3d}/{self.expected:<3d} {test}  "
-                f"up {self.bytes_up / 1e6:8.2f} MB  down {self.bytes_down / 1e6:8.2f} MB  {self.seconds:6.1f} s"
+                f"up {self.bytes_up / 1e6:8.2f} MB{_ratio(self.bytes_up_ratio)}  "
+                f"down {self.bytes_down / 1e6:8.2f} MB{_ratio(self.bytes_down_ratio)}  {self.seconds:6.1f} s"
                 f"{federated}{privacy}")
+
+
+def _ratio(value: float | None) -> str:
+    return "" if value is None or abs(value - 1.0) < 0.005 else f" ({value:.3f} of fp32)"
+
+
+def fp32_ratio(sent_bytes: int, copies: int, model_bytes: int) -> float | None:
+    """``sent_bytes`` over ``copies`` messages each carrying the model raw (``model_bytes``)."""
+    return sent_bytes / (copies * model_bytes) if copies and model_bytes else None

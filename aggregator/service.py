@@ -31,7 +31,7 @@ from aggregator.intake import UpdateIntake
 from aggregator.membership import Membership
 from aggregator.pipeline import AggregationPipeline, Proposal
 from aggregator.registry import WorkerRegistry
-from aggregator.rounds import OpenRound, VersionRecord
+from aggregator.rounds import OpenRound, VersionRecord, fp32_ratio
 from aggregator.selection import select_participants
 from aggregator.version_lines import VersionLines
 from fedmq.broker.base import Broker, Delivery
@@ -43,7 +43,7 @@ from fedmq.settings import DEFAULT_RUN_ID, Settings
 from fedmq.task import build_model, load_split
 from fedmq.task.evaluation import Evaluation, evaluate
 from fedmq.topology import BROADCAST_EXCHANGE, CONTROL_QUEUE, DEFAULT_EXCHANGE, STATIC_TOPOLOGY, UPDATES_QUEUE, inbox_queue
-from fedmq.tensor_codec import encoded_size_bound
+from fedmq.tensor_codec import element_count, encoded_size_bound, payload_bytes
 from fedmq.transport import ReceivedBytes, Transport
 
 log = logging.getLogger(__name__)
@@ -76,7 +76,8 @@ class Aggregator:
         self.task = TaskSpec(cfg.dataset, cfg.model, cfg.partition_scheme, cfg.partition_count,
                              cfg.dirichlet_alpha, cfg.shards_per_partition, cfg.seed)
         self.training = TrainingConfig(cfg.local_epochs, cfg.local_steps, cfg.batch_size, cfg.learning_rate,
-                                       cfg.optimizer, cfg.momentum, cfg.weight_decay, cfg.proximal_mu)
+                                       cfg.optimizer, cfg.momentum, cfg.weight_decay, cfg.proximal_mu,
+                                       cfg.update_codec)
         self.close_policy = SyncClosePolicy(cfg.min_updates, cfg.quorum_fraction)
         self.defences = Defences(cfg, assigned=self._assigned_partition, partition_sizes=(
             partition_sizes(self.task, settings.data.data_root, settings.data.data_mirror)
@@ -85,6 +86,7 @@ class Aggregator:
         self.device = resolve_device(cfg.eval_device)
         self.model = build_model(cfg.model, seed=cfg.seed).to(self.device)
         self.weights = {k: v.detach().to("cpu").clone() for k, v in self.model.state_dict().items()}
+        self.model_bytes = payload_bytes(self.weights)  # one message's tensors raw: the fp32 baseline
         data = settings.data
         self.test = None if cfg.eval_data == "none" else load_split(
             cfg.dataset, Path(data.data_root), train=False, mirror=Path(data.data_mirror) if data.data_mirror else None,
@@ -100,6 +102,8 @@ class Aggregator:
         self.intake = UpdateIntake(broker, self.transport, self.run_id, self.task.num_partitions,
                                    update_bytes=encoded_size_bound(self.weights),
                                    max_frame_bytes=settings.broker.max_frame_bytes, pipeline=self.pipeline)
+        # A compressed update may declare no more elements than the model has.
+        self.transport.max_decoded_elements = element_count(self.weights)
         self.round: OpenRound | None = self._new_round(self.version)
         self.finished = False
         self._stop_requested = False
@@ -240,6 +244,7 @@ class Aggregator:
                                                  self.weights, attempt, awaited))
         sent = self.transport.send(BROADCAST_EXCHANGE, "", round_.broadcast, mandatory=False)
         round_.bytes_down += sent * len(live)  # the fanout copies it into every live inbox
+        round_.copies_down += len(live)
         return sent
 
     def _close_round(self, round_: OpenRound) -> None:
@@ -270,6 +275,8 @@ class Aggregator:
             round_.weighted_train_loss / max(round_.train_samples, 1), round_.bytes_up, round_.bytes_down,
             self.clock() - round_.started, len(self.registry.live_ids()), round_.stale, round_.duplicates,
             round_.dead_lettered, round_.rebroadcasts, self.refused_steps,
+            bytes_up_ratio=fp32_ratio(round_.bytes_up, round_.copies_up, self.model_bytes),
+            bytes_down_ratio=fp32_ratio(round_.bytes_down, round_.copies_down, self.model_bytes),
             **self.defences.version_notes(round_.folded))
         self.version, self.refused_steps = version, 0
         released = self.lines.closed(record)
@@ -382,6 +389,7 @@ class Aggregator:
             return
         # A late joiner gets the current model now, not at the next version.
         round_.bytes_down += self.transport.send(DEFAULT_EXCHANGE, inbox_queue(worker_id).name, round_.broadcast)
+        round_.copies_down += 1
         if not round_.selected and len(round_.expected) < self.cfg.start_workers:
             # A version opened short of --start-workers (after many workers died) counts
             # joiners into its quorum instead of closing on the first update.

@@ -24,6 +24,7 @@ from typing import Any, ClassVar, Mapping, Union
 import msgpack
 import torch
 
+from fedmq.codecs import parse_codec
 from fedmq.errors import InvalidMessage
 from fedmq.task.datasets import DATASETS
 from fedmq.task.partitions import SCHEMES
@@ -197,6 +198,8 @@ class TrainingConfig:
     weight_decay: float
     #: FedProx's mu: each worker adds mu/2 * ||w - w_global||^2 to its local loss (0: FedAvg).
     proximal_mu: float = 0.0
+    #: How workers encode their updates (a :func:`fedmq.codecs.parse_codec` spec).
+    update_codec: str = "fp32"
 
     def to_wire(self) -> dict[str, Any]:
         return _plain_fields(self)
@@ -213,7 +216,13 @@ class TrainingConfig:
             momentum=r.bounded("momentum", low=0.0, high=1.0, high_open=True),
             weight_decay=r.bounded("weight_decay", low=0.0),
             proximal_mu=r.bounded("proximal_mu", low=0.0),
+            update_codec=r.str("update_codec", nonempty=True)[:100],
         )
+        try:
+            parse_codec(config.update_codec)
+        except ValueError as exc:
+            raise InvalidMessage("codec", f"training.update_codec: {exc}; this worker cannot encode updates that "
+                                          "way: upgrade it, or run the aggregator with --update-codec fp32") from None
         if config.local_epochs == 0 and config.local_steps == 0:
             raise InvalidMessage("schema", "training: local_epochs and local_steps are both 0")
         return config

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from fedmq.codecs import parse_codec
+
 ENV_PREFIX = "FEDMQ_"
 
 #: The run id of ``fedmq aggregator`` when none is given. Fixed, not generated: a restarted
@@ -107,6 +109,12 @@ class RunSettings:
     dp_delta: float = setting(1e-5, "delta at which the privacy accountant reports epsilon")
     dp_epsilon_budget: float = setting(0.0, "stop the run before a version would bring epsilon above this "
                                             "(0: no budget)")
+    update_codec: str = setting("fp32", "how workers encode their updates: fp32, fp16, bf16, int8, or topk:FRACTION "
+                                        "(values as int8; topk:FRACTION:fp16 for fp16), with error feedback for the "
+                                        "lossy ones; travels in each broadcast")
+    broadcast_codec: str = setting("fp32", "how the aggregator encodes the model it broadcasts: fp32, fp16, bf16 or int8 "
+                                           "(lossy ones send the difference from what the workers hold, in a closed "
+                                           "loop, and full models to joiners)")
     min_updates: int = setting(1, "fewest updates that may close a version (at the deadline)")
     quorum_fraction: float = setting(1.0, "a version closes at once when this fraction of its selected live workers has reported")
     client_fraction: float = setting(1.0, "fraction of live workers selected for each version (FedAvg's C)")
@@ -266,6 +274,13 @@ def validate(s: Settings) -> None:
     _require(r.dp_epsilon_budget >= 0, "dp_epsilon_budget", "must be >= 0")
     _require(r.dp_epsilon_budget == 0 or r.dp_noise_multiplier > 0, "dp_epsilon_budget",
              "a privacy budget needs DP noise: set --dp-noise-multiplier")
+    for name, spec in (("update_codec", r.update_codec), ("broadcast_codec", r.broadcast_codec)):
+        try:
+            codec = parse_codec(spec)
+        except ValueError as exc:
+            raise SettingsError(f"{flag_name(name)} / {env_name(name)}: {exc}") from None
+        _require(not (name == "broadcast_codec" and codec.sparse), name, "top-k is for updates only; choose fp32, "
+                 "fp16, bf16 or int8")
     _require(w.partition >= -1, "partition", "must be -1 (assigned) or a partition index")
     _require(w.heartbeat_interval_s > 0, "heartbeat_interval_s", "must be > 0")
     _require(w.heartbeat_interval_s < r.worker_timeout_s, "heartbeat_interval_s",

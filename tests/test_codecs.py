@@ -250,3 +250,20 @@ def test_a_bad_tensor_makes_the_whole_message_invalid():
         m.decode(msgpack.packb(body, use_bin_type=True))
     assert info.value.reason == "encoding" and "'w'" in info.value.detail
     assert encode_tensors({"w": torch.ones(2)})[0]["encoding"] == "raw"
+
+
+def test_codec_settings_are_checked_and_name_the_flag():
+    from fedmq.settings import RunSettings, Settings, SettingsError, validate
+    validate(Settings(run=RunSettings(update_codec="topk:0.01", broadcast_codec="int8")))
+    for run, flag in ((RunSettings(update_codec="int4"), "--update-codec"),
+                      (RunSettings(broadcast_codec="topk:0.1"), "--broadcast-codec")):
+        with pytest.raises(SettingsError, match=flag):
+            validate(Settings(run=run))
+
+
+def test_a_broadcast_asking_for_an_unknown_update_codec_says_what_to_do():
+    body = msgpack.unpackb(m.encode(m.ModelBroadcast("run-a", 0, TRAINING, (), {"w": torch.ones(3)})), raw=False)
+    body["training"]["update_codec"] = "int4"
+    with pytest.raises(InvalidMessage) as info:
+        m.decode(msgpack.packb(body, use_bin_type=True))
+    assert info.value.reason == "codec" and "int4" in info.value.detail and "--update-codec fp32" in info.value.detail

@@ -37,7 +37,7 @@ def intake(monkeypatch):
     broker.declare(STATIC_TOPOLOGY)
     decoded = []
     real = m.decode_tensors
-    monkeypatch.setattr(m, "decode_tensors", lambda entries: decoded.append(1) or real(entries))
+    monkeypatch.setattr(m, "decode_tensors", lambda entries, **kw: decoded.append(1) or real(entries, **kw))
     intake = UpdateIntake(broker, Transport(broker), "run", num_partitions=4, update_bytes=10_000,
                           max_frame_bytes=1 << 20)
     intake.hub, intake.decoded = hub, decoded

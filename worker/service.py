@@ -30,10 +30,12 @@ from fedmq.messages import (EvaluationReport, EvaluationRequest, Heartbeat, Join
 from fedmq.settings import Settings
 from fedmq.task import BUILTIN_MODELS, build_model
 from fedmq.task.evaluation import evaluate
-from fedmq.tensor_codec import encoded_size_bound
+from fedmq.tensor_codec import element_count, encoded_size_bound
 from fedmq.topology import CONTROL_QUEUE, DEFAULT_EXCHANGE, STATIC_TOPOLOGY, UPDATES_QUEUE, inbox_queue, inbox_topology
 from fedmq.transport import Transport
+from fedmq.codecs import parse_codec
 from worker.data_sources import open_data_source, prepare_local_data
+from worker.error_feedback import ErrorFeedback
 from worker.local_data import LocalData, LocalDataError
 from worker.trainer import train_locally, training_seed, weights_mismatch
 from worker.training_slots import TrainingSlots
@@ -102,6 +104,7 @@ class Worker:
         #: and ``fedmq worker`` exits non-zero so that a restart policy restarts it.
         self.failure: str | None = None
         self._goodbye = ("leaving", "", "")  # (reason, detail, run id) said when run() returns
+        self._feedback = ErrorFeedback()  # used by the training thread only
         self._outbox = UpdateOutbox(lambda body: self.transport.send(DEFAULT_EXCHANGE, UPDATES_QUEUE, body))
 
     # -- connection thread ----------------------------------------------------------------------
@@ -348,8 +351,8 @@ class Worker:
             self._fail("refused", detail[:1000], run_id)
             return
         # Broadcasts are reassembled in memory: bound them by what this model can encode to.
-        limit = encoded_size_bound(model.state_dict())
-        self.broker.call_threadsafe(lambda: self.transport.bound_messages(limit, 2 * limit))
+        limit, elements = encoded_size_bound(model.state_dict()), element_count(model.state_dict())
+        self.broker.call_threadsafe(lambda: self._bound_messages(limit, elements))
         held_out = prepared.held_out.to(self.device) if prepared.held_out is not None else None
         loaded = _LocalData((task, self.source.key(task, partition)), partition if self.source.partitioned else -1,
                             prepared.train.to(self.device), held_out, model)
@@ -361,6 +364,10 @@ class Worker:
                  self.worker_id, self.source.describe(), time.perf_counter() - started, len(prepared.train),
                  len(held_out) if held_out is not None else 0, prepared.num_classes)
         self.broker.call_threadsafe(self._send_heartbeat)
+
+    def _bound_messages(self, limit: int, elements: int) -> None:
+        self.transport.bound_messages(limit, 2 * limit)
+        self.transport.max_decoded_elements = elements  # a compressed model declares no more
 
     def _evaluate(self, run_id: str, version: int, weights) -> None:
         """Score ``version`` on the held-out rows and send the report (once per version)."""
@@ -419,9 +426,12 @@ class Worker:
                 return
             key = (model.run_id, model.version, model.attempt)
             self._sending = key
+        # Encoded here, off the connection thread, with the run's codec; what a lossy one drops
+        # goes into the next update (error feedback), never into a different run or partition.
+        delta = self._feedback.encode((model.run_id, data.key), parse_codec(model.training.update_codec), result.delta)
         update = WeightUpdate(model.run_id, model.version, self.worker_id, data.partition, result.num_samples,
-                              result.train_loss, result.seconds, result.steps, result.delta)
-        body = encode(update)  # encoded here, off the connection thread
+                              result.train_loss, result.seconds, result.steps, delta)
+        body = encode(update)
         log.info("worker %s: version %d trained, %d steps, loss %.4f, %.1f s", self.worker_id, model.version,
                  result.steps, result.train_loss, result.seconds)
         self.broker.call_threadsafe(lambda: self._queue_update(key, body))
