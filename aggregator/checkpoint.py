@@ -5,7 +5,10 @@ Files in ``<output_dir>/<run_id>/``:
   the file's metadata (run id, version, partition table, the workers live when it was written,
   and the keys of the updates folded into it). One file, written to a temporary name, synced
   and renamed over the old one: a crash leaves either the old checkpoint or the new one, never
-  weights of one version with the state of another.
+  weights of one version with the state of another. The aggregation pipeline's state (the server
+  optimizer's moments, see :meth:`aggregator.pipeline.AggregationPipeline.state`) is in the same
+  file, its tensors named ``pipeline/<name>``, with the run's mode and server optimizer in the
+  metadata: a resumed run steps exactly as the one that wrote it would have.
 - ``metrics.jsonl``: one JSON line per model version.
 - ``final_model.safetensors``: the model the run ended with.
 
@@ -38,6 +41,9 @@ STATE_KEY = "fedmq.state"
 #: :meth:`aggregator.defences.Defences.checkpoint_state`); absent in older checkpoints.
 DEFENCES_KEY = "fedmq.defences"
 FORMAT = 2
+#: Prefix of the pipeline state's tensors in ``checkpoint.safetensors`` (model tensor names are
+#: module paths joined by dots: they never hold a slash).
+PIPELINE_PREFIX = "pipeline/"
 
 UpdateKey = tuple[str, int, str]  # (run_id, base_version, worker_id)
 
@@ -57,6 +63,10 @@ class Checkpoint:
     live_workers: tuple[str, ...] = ()  # live when the checkpoint was written
     folded: frozenset[UpdateKey] = field(default_factory=frozenset)  # updates folded into ``version``
     defences: dict[str, Any] = field(default_factory=dict)  # choices and privacy ledger
+    pipeline_state: dict[str, torch.Tensor] = field(default_factory=dict)  # AggregationPipeline.state()
+    #: How the run aggregates ({"mode": ..., "server_optimizer": ...}; empty in older checkpoints)
+    #: and what pipeline stages keep besides tensors (JSON values, e.g. a privacy ledger).
+    aggregation: dict[str, Any] = field(default_factory=dict)
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -90,18 +100,24 @@ class CheckpointStore:
 
     def save(self, run_id: str, version: int, weights: Mapping[str, torch.Tensor],
              partition_table: Mapping[str, int], *, live_workers: Iterable[str] = (),
-             folded: Iterable[UpdateKey] = (), defences: Mapping[str, Any] | None = None) -> None:
+             folded: Iterable[UpdateKey] = (), defences: Mapping[str, Any] | None = None,
+             pipeline_state: Mapping[str, torch.Tensor] | None = None,
+             aggregation: Mapping[str, Any] | None = None) -> None:
         """Make ``version`` durable in one atomic file: the updates folded into it (``folded``)
-        may be acknowledged after this returns."""
+        may be acknowledged after this returns. ``pipeline_state`` (tensors) and ``aggregation``
+        (JSON values) come back as they were given in :meth:`load`."""
         state = {
             "format": FORMAT, "run_id": run_id, "version": version,
             "partition_table": dict(partition_table), "live_workers": sorted(live_workers),
             "folded": sorted([r, b, w] for r, b, w in folded),
         }
+        if aggregation:
+            state["aggregation"] = dict(aggregation)
         meta = {STATE_KEY: json.dumps(state, sort_keys=True), "run_id": run_id, "version": str(version)}
         if defences:
             meta[DEFENCES_KEY] = json.dumps(defences, sort_keys=True)
         tensors = _tensors(weights)
+        tensors.update({PIPELINE_PREFIX + name: t for name, t in _tensors(pipeline_state or {}).items()})
         _atomic_write(self.checkpoint_path, lambda p: save_file(tensors, str(p), metadata=meta))
         # A first-format state file beside a new checkpoint would only confuse a reader.
         self.legacy_state_path.unlink(missing_ok=True)
@@ -131,9 +147,15 @@ class CheckpointStore:
         if state["run_id"] != run_id:
             return None
         folded = frozenset((str(r), int(b), str(w)) for r, b, w in state["folded"])
+        pipeline = {name[len(PIPELINE_PREFIX):]: weights.pop(name) for name in list(weights)
+                    if name.startswith(PIPELINE_PREFIX)}
+        aggregation = state.get("aggregation", {})
+        if not isinstance(aggregation, dict):
+            raise ValueError(f"aggregation: want an object, got {type(aggregation).__name__}")
         return Checkpoint(run_id, int(state["version"]), weights,
                           {str(k): int(v) for k, v in state["partition_table"].items()},
-                          tuple(str(w) for w in state["live_workers"]), folded)
+                          tuple(str(w) for w in state["live_workers"]), folded,
+                          pipeline_state=pipeline, aggregation=aggregation)
 
     def _from_legacy(self, run_id: str, meta: Mapping[str, str], weights: dict[str, torch.Tensor]) -> Checkpoint | None:
         if meta.get("run_id") != run_id:

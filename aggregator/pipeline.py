@@ -145,6 +145,11 @@ class AggregationPipeline:
         """What a checkpoint must keep for a resumed run to step exactly as this one would."""
         return self.optimizer.state()
 
+    def state_after(self, proposal: Proposal) -> dict[str, torch.Tensor]:
+        """What :meth:`state` will be once ``proposal`` is committed: the checkpoint that makes
+        the proposal durable is written before the commit."""
+        return dict(proposal.optimizer_state)
+
     def restore(self, state: Tensors) -> None:
         """Resume from a checkpoint's :meth:`state`."""
         self.optimizer.load(state)

@@ -23,13 +23,14 @@ from pathlib import Path
 from typing import Callable
 
 
-from aggregator.checkpoint import CheckpointStore
+from aggregator.checkpoint import CheckpointError, CheckpointStore
 from aggregator.close_policy import Decision, SyncClosePolicy
 from aggregator.defences import Defences, partition_sizes
 from aggregator.fedavg import check_compatible, non_finite_tensors
 from aggregator.intake import UpdateIntake
 from aggregator.membership import Membership
-from aggregator.pipeline import AggregationPipeline, Proposal
+from aggregator.pipeline import Proposal
+from aggregator.pipeline_config import aggregation_record, build_pipeline, check_same_aggregation
 from aggregator.registry import WorkerRegistry
 from aggregator.rounds import OpenRound, VersionRecord, fp32_ratio
 from aggregator.selection import select_participants
@@ -82,7 +83,7 @@ class Aggregator:
         self.defences = Defences(cfg, assigned=self._assigned_partition, partition_sizes=(
             partition_sizes(self.task, settings.data.data_root, settings.data.data_mirror)
             if cfg.aggregation == "fedavg" and cfg.dp_noise_multiplier == 0 else None))
-        self.pipeline = AggregationPipeline(**self.defences.pipeline_parts())
+        self.pipeline = build_pipeline(cfg, self.defences.pipeline_parts())
         self.device = resolve_device(cfg.eval_device)
         self.model = build_model(cfg.model, seed=cfg.seed).to(self.device)
         self.weights = {k: v.detach().to("cpu").clone() for k, v in self.model.state_dict().items()}
@@ -116,6 +117,11 @@ class Aggregator:
         if checkpoint is None:
             return
         check_compatible(self.weights, checkpoint.weights)
+        check_same_aggregation(self.cfg, checkpoint.aggregation)
+        try:
+            self.pipeline.restore(checkpoint.pipeline_state)
+        except ValueError as exc:
+            raise CheckpointError(f"{self.store.checkpoint_path}: {exc}") from None
         self.weights, self.version = checkpoint.weights, checkpoint.version
         self.checkpointed = checkpoint.folded
         self.defences.restore(checkpoint.defences)
@@ -262,7 +268,8 @@ class Aggregator:
         # Durable first, then acknowledge: an update is acked only once it is in a checkpoint.
         self.store.save(self.run_id, version, self.weights, self.registry.partition_table,
                         live_workers=self.registry.live_ids(), folded=folded,
-                        defences=self.defences.checkpoint_state(ledger))
+                        defences=self.defences.checkpoint_state(ledger),
+                        pipeline_state=self.pipeline.state_after(proposal), aggregation=aggregation_record(self.cfg))
         self.checkpointed = folded
         self.pipeline.commit(proposal)
         if privacy and ledger:

@@ -121,6 +121,26 @@ class RunSettings:
     start_workers: int = setting(1, "ready workers to wait for before the first version is broadcast")
     round_timeout_s: float = setting(300.0, "round deadline in seconds: close with at least min-updates, else re-broadcast")
     worker_timeout_s: float = setting(20.0, "a worker silent for this many seconds is considered dead")
+    mode: str = setting("sync", "sync: a version waits for its quorum (FedAvg); async: every --buffer-size updates "
+                                "make a version, stale ones weighted by --staleness (FedBuff)", choices=("sync", "async"))
+    buffer_size: int = setting(5, "async mode: updates folded into each version (FedBuff's K; at most the live workers)")
+    max_staleness: int = setting(10, "async mode: an update trained on a version more than this many versions old "
+                                     "is acknowledged, counted and not folded")
+    staleness: str = setting("polynomial", "async mode: how a stale update is weighted: constant 1, polynomial "
+                                           "(1+tau)^-EXPONENT, or hinge 1/(SLOPE*(tau-START)+1) beyond START versions",
+                             choices=("constant", "polynomial", "hinge"))
+    staleness_exponent: float = setting(0.5, "exponent of the polynomial staleness weight (0.5: FedBuff's 1/sqrt(1+tau))")
+    staleness_hinge_slope: float = setting(10.0, "slope of the hinge staleness weight")
+    staleness_hinge_start: int = setting(4, "staleness (versions) up to which the hinge weight is 1")
+    server_optimizer: str = setting("fedavg", "how the server moves the model by a version's mean delta (Reddi et al. "
+                                              "2021): fedavg, fedavgm (momentum), fedadam, fedyogi",
+                                    choices=("fedavg", "fedavgm", "fedadam", "fedyogi"))
+    server_learning_rate: float = setting(0.0, "server learning rate (0: 1.0 for fedavg and fedavgm, 0.01 for fedadam "
+                                               "and fedyogi)")
+    server_momentum: float = setting(0.9, "fedavgm: server momentum")
+    server_beta1: float = setting(0.9, "fedadam, fedyogi: first-moment decay")
+    server_beta2: float = setting(0.99, "fedadam, fedyogi: second-moment decay")
+    server_epsilon: float = setting(0.001, "fedadam, fedyogi: adaptivity (tau in Reddi et al.)")
     output_dir: str = setting("runs", "directory for the metrics, checkpoint and final model (a folder per run id)")
     eval_batch_size: int = setting(1000, "batch size of the test-set evaluation")
     eval_device: str = setting("auto", "device for evaluation", choices=("auto", "cpu", "cuda"))
@@ -156,6 +176,8 @@ class WorkerSettings:
                                               "(nothing else is imported)")
     eval_fraction: float = setting(0.0, "fraction of this worker's data held out to score each model version on "
                                         "(federated evaluation; 0: none, train on everything)")
+    slowdown: float = setting(1.0, "experiment knob: local training takes this many times as long (the worker waits "
+                                   "after training), to simulate a straggler in tests and benchmarks")
 
 
 @dataclass(frozen=True)
@@ -281,6 +303,20 @@ def validate(s: Settings) -> None:
             raise SettingsError(f"{flag_name(name)} / {env_name(name)}: {exc}") from None
         _require(not (name == "broadcast_codec" and codec.sparse), name, "top-k is for updates only; choose fp32, "
                  "fp16, bf16 or int8")
+    _require(r.buffer_size >= 1, "buffer_size", "must be >= 1")
+    _require(r.max_staleness >= 0, "max_staleness", "must be >= 0")
+    _require(r.staleness_exponent >= 0, "staleness_exponent", "must be >= 0")
+    _require(r.staleness_hinge_slope >= 0, "staleness_hinge_slope", "must be >= 0")
+    _require(r.staleness_hinge_start >= 0, "staleness_hinge_start", "must be >= 0")
+    _require(r.server_learning_rate >= 0, "server_learning_rate", "must be >= 0 (0: the optimizer's default)")
+    _require(0 <= r.server_momentum < 1, "server_momentum", "must be within [0, 1)")
+    _require(0 <= r.server_beta1 < 1, "server_beta1", "must be within [0, 1)")
+    _require(0 <= r.server_beta2 < 1, "server_beta2", "must be within [0, 1)")
+    _require(r.server_epsilon > 0, "server_epsilon", "must be > 0")
+    _require(w.slowdown >= 1, "slowdown", "must be >= 1")
+    _require(r.dp_noise_multiplier == 0 or r.mode == "sync", "dp_noise_multiplier",
+             "DP noise is calibrated to the plain mean of one version's clipped updates; async mode weighs "
+             "them by staleness: use --mode sync")
     _require(w.partition >= -1, "partition", "must be -1 (assigned) or a partition index")
     _require(w.heartbeat_interval_s > 0, "heartbeat_interval_s", "must be > 0")
     _require(w.heartbeat_interval_s < r.worker_timeout_s, "heartbeat_interval_s",

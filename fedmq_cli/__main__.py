@@ -22,11 +22,13 @@ COMMANDS = {
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fedmq", description="Federated learning as a message-queue service.",
-        epilog="Every flag can also be set by its FEDMQ_* environment variable; a flag wins.")
+        epilog="Every flag can also be set by its FEDMQ_* environment variable; a flag wins.",
+        # Flags are matched exactly: with abbreviations `--mode async` would be taken as `--model`.
+        allow_abbrev=False)
     parser.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING [env FEDMQ_LOG_LEVEL; default INFO]")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (help_text, groups) in COMMANDS.items():
-        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub = commands.add_parser(name, help=help_text, description=help_text, allow_abbrev=False)
         for group in groups:
             add_group(sub, group)
     return parser

@@ -96,3 +96,39 @@ def test_an_aggregator_restarted_with_default_settings_resumes_its_run(data_root
     second = Aggregator(settings, MemoryHub().connect())  # the container came back
     assert second.run_id == "default" and second.resumed and second.version == 3
     assert second.registry.live_ids() == ["w"]
+
+
+def test_the_pipeline_state_and_the_aggregation_round_trip_bit_for_bit(tmp_path):
+    store = CheckpointStore(tmp_path)
+    moments = {"m.w": torch.randn(3, 3), "v.w": torch.rand(3, 3, dtype=torch.float64)}
+    ledger = {"mode": "async", "server_optimizer": "fedadam", "privacy": {"steps": [[1.1, 0.01, 3]]}}
+    store.save("run", 2, weights(2.0), {}, pipeline_state=moments, aggregation=ledger)
+    loaded = store.load("run")
+    assert sorted(loaded.weights) == ["n", "w"]  # the pipeline's tensors are not the model's
+    assert loaded.pipeline_state.keys() == moments.keys()
+    assert all(torch.equal(loaded.pipeline_state[k], moments[k]) and loaded.pipeline_state[k].dtype == moments[k].dtype
+               for k in moments)
+    assert loaded.aggregation == ledger
+
+
+def test_a_run_resumes_only_with_the_aggregation_it_was_checkpointed_with(data_root, tmp_path):
+    import dataclasses
+
+    from aggregator.service import Aggregator
+    from fedmq.broker.memory import MemoryHub
+    from test_embedded import embedded_settings
+
+    base = embedded_settings(data_root, tmp_path, run_id="opt")
+    settings = dataclasses.replace(base, run=dataclasses.replace(base.run, server_optimizer="fedavgm"))
+    first = Aggregator(settings, MemoryHub().connect())
+    momentum = {f"m.{name}": torch.randn_like(t) for name, t in first.weights.items() if t.is_floating_point()}
+    first.store.save(first.run_id, 3, first.weights, {}, pipeline_state=momentum,
+                     aggregation={"mode": "sync", "server_optimizer": "fedavgm"})
+    resumed = Aggregator(settings, MemoryHub().connect())
+    assert resumed.version == 3
+    assert all(torch.equal(resumed.pipeline.state()[k], momentum[k]) for k in momentum)
+    with pytest.raises(CheckpointError, match="--server-optimizer fedavgm; this aggregator is set to .* fedavg"):
+        Aggregator(base, MemoryHub().connect())
+    asynchronous = dataclasses.replace(settings, run=dataclasses.replace(settings.run, mode="async"))
+    with pytest.raises(CheckpointError, match="--mode sync"):
+        Aggregator(asynchronous, MemoryHub().connect())

@@ -94,3 +94,28 @@ def test_default_partitions_give_scaled_workers_distinct_data():
     # `docker compose up --scale worker=8` with the defaults: eight workers, eight partitions.
     registry = WorkerRegistry(run.partition_count, run.worker_timeout_s)
     assert sorted(registry.join(f"worker-{i}", -1, 0.0).partition for i in range(8)) == list(range(8))
+
+
+def test_flags_are_matched_exactly_never_abbreviated(capsys):
+    settings = parse(["aggregator", "--mode", "async", "--model", "fedavg-2nn"])
+    assert (settings.run.mode, settings.run.model) == ("async", "fedavg-2nn")
+    assert parse(["run", "--mode", "async"]).run.model == "fedavg-cnn"  # not taken as --model
+    for argv in (["aggregator", "--mod", "fedavg-2nn"], ["worker", "--slow", "3"], ["--log", "INFO", "run"]):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(argv)
+        err = capsys.readouterr().err
+        assert "unrecognized arguments" in err or "invalid choice" in err, err
+
+
+def test_async_and_server_optimizer_settings_are_checked():
+    settings = parse(["aggregator", "--mode", "async", "--buffer-size", "3", "--server-optimizer", "fedyogi"],
+                     {"FEDMQ_STALENESS": "hinge", "FEDMQ_MAX_STALENESS": "4"})
+    assert (settings.run.buffer_size, settings.run.server_optimizer, settings.run.staleness,
+            settings.run.max_staleness) == (3, "fedyogi", "hinge", 4)
+    assert parse(["worker", "--slowdown", "3"]).worker.slowdown == 3.0
+    for argv in (["aggregator", "--buffer-size", "0"], ["aggregator", "--server-beta2", "1"],
+                 ["worker", "--slowdown", "0.5"], ["aggregator", "--max-staleness", "-1"]):
+        with pytest.raises(SettingsError, match=argv[1]):
+            parse(argv)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["aggregator", "--mode", "later"])
