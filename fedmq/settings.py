@@ -95,11 +95,12 @@ class RunSettings:
     aggregation: str = setting("fedavg", "how a version's updates combine: fedavg streams a sample-weighted mean "
                                          "(memory O(P)); trimmed-mean, median and krum keep all N updates of a version "
                                          "at once (memory O(N*P): 4*N*P bytes, 665 MB for 100 updates of the CNN) and "
-                                         "ignore sample counts", choices=("fedavg", "trimmed-mean", "median", "krum"))
+                                         "ignore sample counts (and, in async mode, staleness weights: they combine "
+                                         "each version's --buffer-size updates)", choices=("fedavg", "trimmed-mean", "median", "krum"))
     trim_fraction: float = setting(0.1, "trimmed-mean: fraction of the values cut at each end of every coordinate "
-                                        "(floor(N * fraction) each side)")
+                                        "(floor(N * fraction) each side: with 10 updates, 0.1 cuts one; with fewer, none)")
     krum_attackers: int = setting(0, "krum: the number of attackers f it assumes (a version needs at least f+3 "
-                                     "updates: --min-updates)")
+                                     "updates: --min-updates, or --buffer-size in async mode)")
     clip_norm: float = setting(0.0, "clip each update's L2 norm to this before it is combined (0: no clipping)")
     max_samples_per_update: int = setting(0, "cap on the sample count an update may claim, its FedAvg weight (0: no "
                                              "cap); updates of a built-in partition are also capped at its size")
@@ -282,8 +283,12 @@ def validate(s: Settings) -> None:
     _require(r.proximal_mu >= 0, "proximal_mu", "must be >= 0")
     _require(0.0 <= r.trim_fraction < 0.5, "trim_fraction", "must be within [0, 0.5)")
     _require(r.krum_attackers >= 0, "krum_attackers", "must be >= 0")
-    _require(r.aggregation != "krum" or r.min_updates >= r.krum_attackers + 3, "min_updates",
-             f"krum needs at least --krum-attackers + 3 = {r.krum_attackers + 3} updates per version")
+    if r.aggregation == "krum" and r.mode == "async":
+        _require(r.buffer_size >= r.krum_attackers + 3, "buffer_size",
+                 f"krum needs at least --krum-attackers + 3 = {r.krum_attackers + 3} updates per version")
+    elif r.aggregation == "krum":
+        _require(r.min_updates >= r.krum_attackers + 3, "min_updates",
+                 f"krum needs at least --krum-attackers + 3 = {r.krum_attackers + 3} updates per version")
     _require(r.clip_norm >= 0, "clip_norm", "must be >= 0")
     _require(r.max_samples_per_update >= 0, "max_samples_per_update", "must be >= 0")
     _require(r.dp_noise_multiplier >= 0, "dp_noise_multiplier", "must be >= 0")

@@ -98,6 +98,8 @@ def test_dp_noise_on_the_mean_has_std_z_c_over_m_and_updates_weigh_the_same():
     (dict(dp_noise_multiplier=1.0), "--clip-norm"),
     (dict(dp_noise_multiplier=1.0, clip_norm=1.0, aggregation="median"), "--aggregation fedavg"),
     (dict(aggregation="krum", krum_attackers=2, min_updates=4), "5 updates"),
+    (dict(aggregation="krum", krum_attackers=2, mode="async", buffer_size=4, min_updates=9), "--buffer-size"),
+    (dict(dp_noise_multiplier=1.0, clip_norm=1.0, mode="async"), "--mode sync"),
     (dict(trim_fraction=0.5), "--trim-fraction"),
     (dict(dp_epsilon_budget=3.0), "--dp-noise-multiplier"),
     (dict(dp_noise_multiplier=1.0, clip_norm=1.0, dp_delta=0.0), "--dp-delta"),
