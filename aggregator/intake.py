@@ -18,8 +18,9 @@ from __future__ import annotations
 import enum
 import logging
 import math
+import time
 from dataclasses import dataclass
-from typing import AbstractSet, Mapping
+from typing import AbstractSet, Callable, Mapping
 
 import torch
 
@@ -28,6 +29,7 @@ from aggregator.fedavg import check_compatible
 from aggregator.pipeline import AggregationPipeline, UpdateContext
 from aggregator.rounds import OpenRound
 from fedmq.broker.base import Broker
+from fedmq.events import Sink, UpdateFolded, UpdateRefused
 from fedmq.errors import InvalidMessage
 from fedmq.messages import UpdateHeader, WeightUpdate, peek_update
 from fedmq.transport import ReceivedBytes, Transport
@@ -87,13 +89,17 @@ class UpdateIntake:
     """Takes each whole update (:class:`ReceivedBytes`) and acts on its verdict.
 
     ``update_bytes`` bounds one encoded update, ``max_frame_bytes`` one AMQP message: together
-    they say how many deliveries (chunks) one update takes.
+    they say how many deliveries (chunks) one update takes. Each outcome is also an event on
+    ``emit`` (:class:`UpdateFolded` or :class:`UpdateRefused`).
     """
 
     def __init__(self, broker: Broker, transport: Transport, run_id: str, num_partitions: int, *,
-                 update_bytes: int, max_frame_bytes: int, pipeline: AggregationPipeline | None = None) -> None:
+                 update_bytes: int, max_frame_bytes: int, pipeline: AggregationPipeline | None = None,
+                 emit: Sink = lambda event: None, clock: Callable[[], float] = time.monotonic) -> None:
         self.broker = broker
         self.pipeline = pipeline or AggregationPipeline()
+        self.emit = emit
+        self.clock = clock
         self.transport = transport
         self.run_id = run_id
         self.num_partitions = num_partitions
@@ -121,10 +127,11 @@ class UpdateIntake:
         except InvalidMessage as exc:
             self._dead_letter(raw, round_, exc.reason, exc.detail)
             return
+        worker = header.worker_id
         verdict = classify_update(header, run_id=self.run_id, version=version, round_=round_,
                                   checkpointed=checkpointed, num_partitions=self.num_partitions)
         if verdict.action is Action.DEAD_LETTER:
-            self._dead_letter(raw, round_, verdict.reason, verdict.detail)
+            self._dead_letter(raw, round_, verdict.reason, verdict.detail, worker)
             return
         if verdict.action in (Action.STALE, Action.UNSELECTED):
             self._ack(raw.deliveries)
@@ -134,6 +141,7 @@ class UpdateIntake:
                 round_.copies_up += 1
             log.info("%s update from %s for version %d dropped (current %d)", verdict.action.value,
                      header.worker_id, header.base_version, version)
+            self.emit(UpdateRefused(self.run_id, header.base_version, worker, verdict.action.value, False, raw.size))
             return
         assert round_ is not None
         round_.bytes_up += raw.size
@@ -142,6 +150,7 @@ class UpdateIntake:
             self._ack(round_.hold(header.worker_id, raw.deliveries))
             round_.duplicates += 1
             log.info("version %d: duplicate update from %s ignored", round_.version, header.worker_id)
+            self.emit(UpdateRefused(self.run_id, round_.version, worker, "duplicate", False, raw.size))
             return
         try:
             if update is None:
@@ -150,7 +159,7 @@ class UpdateIntake:
                 update = message
             check_update(update, template)
         except InvalidMessage as exc:
-            self._dead_letter(raw, round_, exc.reason, exc.detail)
+            self._dead_letter(raw, round_, exc.reason, exc.detail, worker)
             return
         self._fold(round_, update, raw)
 
@@ -165,12 +174,17 @@ class UpdateIntake:
                  round_.version, len(round_.folded), len(round_.expected), update.worker_id,
                  update.num_samples, update.train_loss, update.train_seconds,
                  "" if round_.is_open else " (redelivered; the version is not broadcast yet)")
+        self.emit(UpdateFolded(self.run_id, round_.version, update.worker_id, len(round_.folded), len(round_.expected),
+                               update.num_samples, update.train_loss, update.train_seconds, raw.size, self.clock()))
 
     def _ack(self, deliveries) -> None:
         for d in deliveries:
             self.broker.ack(d)
 
-    def _dead_letter(self, raw: ReceivedBytes, round_: OpenRound | None, reason: str, detail: str) -> None:
+    def _dead_letter(self, raw: ReceivedBytes, round_: OpenRound | None, reason: str, detail: str,
+                     worker_id: str = "") -> None:
         self.transport.dead_letter(raw.deliveries, reason, detail)
         if round_ is not None:
             round_.dead_lettered += 1
+        self.emit(UpdateRefused(self.run_id, round_.version if round_ is not None else -1, worker_id, reason, True,
+                                raw.size))

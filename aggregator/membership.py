@@ -16,6 +16,7 @@ from typing import Callable
 
 from aggregator.registry import WorkerRegistry
 from fedmq.errors import Unroutable
+from fedmq.events import Sink, WorkerJoined, WorkerLeft, WorkerPresumedDead, WorkerProgress
 from fedmq.messages import Heartbeat, JoinAccepted, Message, TaskSpec, WorkerGoodbye, WorkerHello
 from fedmq.topology import DEFAULT_EXCHANGE, inbox_queue
 from fedmq.transport import Transport
@@ -27,11 +28,13 @@ class Membership:
     """Applies control messages to ``registry`` and answers joins through ``transport``.
 
     ``on_joined(worker_id)`` runs after a worker was (re)joined: the aggregator sends it the
-    current model from there.
+    current model from there. Joins, goodbyes, deaths and heartbeats are also events on ``emit``.
     """
 
     def __init__(self, registry: WorkerRegistry, transport: Transport, run_id: str, task: TaskSpec,
-                 clock: Callable[[], float], on_joined: Callable[[str], None]) -> None:
+                 clock: Callable[[], float], on_joined: Callable[[str], None], *,
+                 emit: Sink = lambda event: None) -> None:
+        self.emit = emit
         self.registry = registry
         self.transport = transport
         self.run_id = run_id
@@ -74,6 +77,9 @@ class Membership:
         self._heard(beat.worker_id, beat.sent_at, now)
         self.registry.update_state(beat.worker_id, state=beat.state if ours else None, version=beat.version)
         record = self.registry.get(beat.worker_id)
+        if ours and record is not None:
+            self.emit(WorkerProgress(self.run_id, beat.worker_id, beat.state, beat.version, record.partition,
+                                     beat.device, beat.progress, beat.samples_per_second, now))
         if ours and record is not None and beat.partition >= 0 and beat.partition != record.partition:
             # Its assignment (a first one, or a move) was lost or is still on its way: say it again.
             try:
@@ -85,6 +91,9 @@ class Membership:
         if goodbye.run_id and goodbye.run_id != self.run_id:
             return
         was_live = self.registry.leave(goodbye.worker_id, now)
+        if was_live or goodbye.reason == "refused":
+            self.emit(WorkerLeft(self.run_id, goodbye.worker_id, goodbye.reason, goodbye.detail,
+                                 len(self.registry.live_ids())))
         if goodbye.reason == "refused":
             self.refused[goodbye.worker_id] = goodbye.detail
             log.error("worker %s refuses run %s: %s; it is not joined again until it says hello (%d live)",
@@ -106,6 +115,7 @@ class Membership:
             return
         log.info("worker %s joined on %s with partition %d of %d (%d live)", worker_id, device or "?",
                  record.partition, self.task.num_partitions, len(self.registry.live_ids()))
+        self.emit(WorkerJoined(self.run_id, worker_id, device, record.partition, len(self.registry.live_ids())))
 
     def assign(self, worker_id: str, partition: int) -> None:
         """Tell ``worker_id`` its partition (raises Unroutable if its inbox is gone)."""
@@ -117,6 +127,7 @@ class Membership:
         for worker_id in self.registry.expire(self.horizon):
             log.warning("worker %s silent for over %.0f s: considered dead (%d live)",
                         worker_id, timeout_s, len(self.registry.live_ids()))
+            self.emit(WorkerPresumedDead(self.run_id, worker_id, timeout_s, len(self.registry.live_ids())))
         for worker_id, partition in self.registry.rebalance(self.clock()):
             try:
                 self.assign(worker_id, partition)

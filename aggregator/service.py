@@ -38,8 +38,11 @@ from aggregator.version_lines import VersionLines
 from fedmq.broker.base import Broker, Delivery
 from fedmq.device import resolve_device
 from fedmq.errors import InvalidMessage
+from fedmq.event_log import log_event
+from fedmq.events import EventBus, RunFinished, UpdateRefused, VersionOpened
 from fedmq.messages import (EvaluationReport, EvaluationRequest, ModelBroadcast, RunComplete, TaskSpec, TrainingConfig,
                             encode, peek_kind)
+from fedmq.metrics_file import MetricsFile
 from fedmq.settings import DEFAULT_RUN_ID, Settings
 from fedmq.task import build_model, load_split
 from fedmq.task.evaluation import Evaluation, evaluate
@@ -63,11 +66,12 @@ class RunResult:
 
 
 class Aggregator:
-    """Runs one federation to its end over ``broker``; see :meth:`run`."""
+    """Runs one federation to its end over ``broker``; see :meth:`run`. What happens goes out
+    as events (:mod:`fedmq.events`): to ``metrics.jsonl``, then to ``events`` when given."""
 
     def __init__(self, settings: Settings, broker: Broker, *,
                  on_version: Callable[[VersionRecord], None] | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, events: EventBus | None = None) -> None:
         self.settings = settings
         self.cfg = cfg = settings.run
         self.run_id = cfg.run_id or DEFAULT_RUN_ID
@@ -94,15 +98,20 @@ class Aggregator:
             download=data.download)
         self.registry = WorkerRegistry(self.task.num_partitions, cfg.worker_timeout_s)
         self.store = CheckpointStore(Path(cfg.output_dir) / self.run_id)
-        self.lines = VersionLines(self.run_id, self.store, on_version)
+        self.events = EventBus(MetricsFile(self.store.metrics_path), log_event)
+        if events is not None:
+            self.events.add(events.emit)
+        self.lines = VersionLines(self.run_id, self.store, on_version, self.events)
         self.version = 0
         self.resumed = False
         self.checkpointed: frozenset = frozenset()  # keys of the updates in the last checkpoint
         self._resume()
-        self.membership = Membership(self.registry, self.transport, self.run_id, self.task, clock, self._on_joined)
+        self.membership = Membership(self.registry, self.transport, self.run_id, self.task, clock, self._on_joined,
+                                     emit=self.events.emit)
         self.intake = UpdateIntake(broker, self.transport, self.run_id, self.task.num_partitions,
                                    update_bytes=encoded_size_bound(self.weights),
-                                   max_frame_bytes=settings.broker.max_frame_bytes, pipeline=self.pipeline)
+                                   max_frame_bytes=settings.broker.max_frame_bytes, pipeline=self.pipeline,
+                                   emit=self.events.emit, clock=clock)
         # A compressed update may declare no more elements than the model has.
         self.transport.max_decoded_elements = element_count(self.weights)
         self.round: OpenRound | None = self._new_round(self.version)
@@ -226,6 +235,8 @@ class Aggregator:
         sent = self._broadcast(round_, live, attempt=0, awaited=())
         log.info("version %d: broadcast %.2f MB to %d live workers (%d expected, %d updates already in)",
                  round_.version, sent / 1e6, len(live), len(chosen), len(round_.folded))
+        self.events.emit(VersionOpened(self.run_id, round_.version, len(chosen), len(live), round_.bytes_down,
+                                       round_.started, self.cfg.round_timeout_s))
 
     def _rebroadcast(self, round_: OpenRound, now: float, why: str) -> None:
         live = self.registry.live_ids()
@@ -357,6 +368,7 @@ class Aggregator:
         accuracy = 0.0 if last is None else last  # no version closed, or none measured
         self.transport.send(BROADCAST_EXCHANGE, "", RunComplete(self.run_id, self.version, accuracy), mandatory=False)
         self.finished, self.round = True, None
+        self.events.emit(RunFinished(self.run_id, self.version))
         log.info("run %s complete at version %d: final model in %s", self.run_id, self.version, path)
 
     # -- messages -------------------------------------------------------------------------------
@@ -364,6 +376,8 @@ class Aggregator:
         self.transport.dead_letter(deliveries, reason, detail)
         if self.round is not None:
             self.round.dead_lettered += 1
+        self.events.emit(UpdateRefused(self.run_id, self.version, "", reason, True,
+                                       sum(len(d.body) for d in deliveries)))
 
     def _receive(self, delivery: Delivery) -> ReceivedBytes | None:
         """The whole message a delivery completes, undecoded; None while chunks are missing or

@@ -1,5 +1,8 @@
 """Each model version's line of ``metrics.jsonl`` (and of the console), with its scores.
 
+A line is released as a :class:`~fedmq.events.VersionClosed` event; the ``metrics.jsonl`` sink
+(:class:`~fedmq.metrics_file.MetricsFile`) writes it, Prometheus and the live view show it.
+
 A version's test-set score is known when it is made; its federated score only once the workers
 have scored it, on receipt of its broadcast (or, for the final version, of an evaluation
 request). So a line is written at once when no worker scores versions, and otherwise held until
@@ -16,19 +19,23 @@ from typing import Callable, Container, Iterable
 from aggregator.checkpoint import CheckpointStore
 from aggregator.federated_evaluation import EvaluationLedger, FederatedResult, Verdict
 from aggregator.rounds import VersionRecord
+from fedmq.events import EventBus, VersionClosed
 from fedmq.messages import EvaluationReport
+from fedmq.metrics_file import MetricsFile
 
 log = logging.getLogger(__name__)
 
 
 class VersionLines:
-    """Writes the lines of run ``run_id`` to ``store``, calls ``on_version`` with each."""
+    """Releases the lines of run ``run_id`` as events on ``events`` (without one: written to
+    ``store``'s ``metrics.jsonl``), then calls ``on_version`` with each."""
 
     def __init__(self, run_id: str, store: CheckpointStore,
-                 on_version: Callable[[VersionRecord], None] | None) -> None:
+                 on_version: Callable[[VersionRecord], None] | None, events: EventBus | None = None) -> None:
         self.run_id = run_id
         self.store = store
         self.on_version = on_version
+        self.events = events if events is not None else EventBus(MetricsFile(store.metrics_path))
         self._warned = False
         self.ledger = EvaluationLedger(run_id)
         self.records: list[VersionRecord] = []
@@ -83,7 +90,7 @@ class VersionLines:
         if federated is not None and federated.accuracy is not None:
             record = dataclasses.replace(record, federated_accuracy=federated.accuracy, federated_loss=federated.loss,
                                          federated_samples=federated.samples, federated_workers=federated.workers)
-        self.store.append_metrics(record.to_json())
+        self.events.emit(VersionClosed(**record.to_json()))
         self.records.append(record)
         log.info("version %d of run %s: %d updates, test accuracy %s, federated accuracy %s (%d held-out samples "
                  "of %d workers), %.1f s", record.version, self.run_id, record.participants,

@@ -256,7 +256,9 @@ class Heartbeat:
     """A worker is alive. ``state`` is joining, ready, training or idle; ``version`` the last
     model version it trained (-1 none). ``partition`` -1 until assigned. Also serves as a hello
     for an aggregator that (re)started after the worker. ``sent_at``: the sender's wall clock
-    (Unix seconds) when it was sent; liveness is timed by it, not by when it is read."""
+    (Unix seconds) when it was sent; liveness is timed by it, not by when it is read.
+    ``progress`` (0 to 1) is how far the local training in hand is (0 when not training);
+    ``samples_per_second`` the speed of the worker's last local training (0 before any)."""
 
     KIND: ClassVar[str] = "heartbeat"
     STATES: ClassVar[tuple[str, ...]] = ("joining", "ready", "training", "idle")
@@ -267,6 +269,8 @@ class Heartbeat:
     partition: int
     device: str
     sent_at: float
+    progress: float = 0.0
+    samples_per_second: float = 0.0
 
     def fields(self) -> dict[str, Any]:
         return _plain_fields(self)
@@ -278,7 +282,8 @@ class Heartbeat:
             raise InvalidMessage("schema", f"heartbeat.state {state!r} not in {cls.STATES}")
         return cls(
             r.ident("worker_id"), r.ident("run_id", nonempty=False), state,
-            r.int("version", minimum=-1), r.int("partition", minimum=-1), r.str("device"), r.float("sent_at"),
+            r.int("version", minimum=-1), r.int("partition", minimum=-1), r.str("device")[:64], r.float("sent_at"),
+            r.bounded("progress", low=0.0, high=1.0), r.bounded("samples_per_second", low=0.0, high=1e12),
         )
 
 

@@ -182,6 +182,13 @@ class WorkerSettings:
 
 
 @dataclass(frozen=True)
+class OpsSettings:
+    metrics_port: int = setting(0, "serve Prometheus metrics at http://0.0.0.0:PORT/metrics (0: not served)")
+    log_format: str = setting("plain", "log lines as plain text, or one JSON object per line",
+                              choices=("plain", "json"))
+
+
+@dataclass(frozen=True)
 class EmbeddedSettings:
     workers: int = setting(4, "workers in the embedded federation")
 
@@ -193,11 +200,12 @@ class Settings:
     run: RunSettings = field(default_factory=RunSettings)
     worker: WorkerSettings = field(default_factory=WorkerSettings)
     embedded: EmbeddedSettings = field(default_factory=EmbeddedSettings)
+    ops: OpsSettings = field(default_factory=OpsSettings)
     log_level: str = "INFO"
 
 
 GROUPS: dict[str, type] = {"broker": BrokerSettings, "data": DataSettings, "run": RunSettings,
-                           "worker": WorkerSettings, "embedded": EmbeddedSettings}
+                           "worker": WorkerSettings, "embedded": EmbeddedSettings, "ops": OpsSettings}
 
 
 def add_group(parser: argparse.ArgumentParser, group: str) -> None:
@@ -329,6 +337,7 @@ def validate(s: Settings) -> None:
     _require(s.embedded.workers >= 1, "workers", "must be >= 1")
     _require(w.training_slots >= 0, "training_slots", "must be >= 0")
     _require(0.0 <= w.eval_fraction < 1.0, "eval_fraction", "must be within [0, 1)")
+    _require(0 <= s.ops.metrics_port <= 65535, "metrics_port", "must be a TCP port (0: off)")
     for name, value in (("worker_id", w.worker_id), ("run_id", r.run_id)):
         # The same rule the wire enforces (fedmq.messages.check_identifier): at most 128 ASCII
         # letters, digits, - _ . so every queue name and routing key built from it fits AMQP.

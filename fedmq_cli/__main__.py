@@ -13,9 +13,9 @@ from fedmq.settings import Settings, SettingsError, add_group, settings_from_arg
 
 COMMANDS = {
     "run": ("run a whole federation in this process over the in-memory broker (the embedded mode)",
-            ("data", "run", "worker", "embedded")),
-    "aggregator": ("serve the aggregator of one federation over RabbitMQ", ("broker", "data", "run")),
-    "worker": ("serve one worker over RabbitMQ", ("broker", "data", "worker")),
+            ("data", "run", "worker", "embedded", "ops")),
+    "aggregator": ("serve the aggregator of one federation over RabbitMQ", ("broker", "data", "run", "ops")),
+    "worker": ("serve one worker over RabbitMQ", ("broker", "data", "worker", "ops")),
 }
 
 
@@ -46,8 +46,9 @@ def torch_threads(command: str, settings: Settings) -> int:
 
 
 def _configure(command: str, settings: Settings) -> None:
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
+    from fedmq.log_format import configure_logging
+
+    configure_logging(settings.log_level, settings.ops.log_format)
     # pika logs every socket event at INFO; fedmq logs the connection events a person needs.
     logging.getLogger("pika").setLevel(max(logging.WARNING, logging.getLogger().level))
     import torch  # imported late: `fedmq --help` stays fast
@@ -85,15 +86,30 @@ def _summary(result) -> str:  # noqa: ANN001 - aggregator.service.RunResult, imp
             f"output in {result.output_dir}")
 
 
+def _metrics_sink(settings: Settings, kind: str, events, servers: list):  # noqa: ANN001 - imported late
+    """With ``--metrics-port``: the service's Prometheus metrics on the bus, served over HTTP."""
+    if not settings.ops.metrics_port:
+        return
+    from fedmq.prometheus_metrics import AggregatorMetrics, WorkerMetrics, serve_metrics
+
+    metrics = AggregatorMetrics() if kind == "aggregator" else WorkerMetrics()
+    events.add(metrics)
+    servers.append(serve_metrics(metrics.registry, settings.ops.metrics_port))
+
+
 def _serve_aggregator(settings: Settings) -> int:
     from aggregator.service import Aggregator
     from fedmq.broker.rabbitmq import RabbitBroker
+    from fedmq.events import EventBus
 
     broker = RabbitBroker(settings.broker.broker_url, connection_name="fedmq-aggregator",
                           heartbeat_s=settings.broker.broker_heartbeat_s,
                           max_message_bytes=settings.broker.max_frame_bytes, tls=_tls_files(settings))
+    events, servers = EventBus(), []
+    _metrics_sink(settings, "aggregator", events, servers)
     with broker:
-        aggregator = Aggregator(settings, broker, on_version=lambda r: print(r.console_line(), flush=True))
+        aggregator = Aggregator(settings, broker, on_version=lambda r: print(r.console_line(), flush=True),
+                                events=events)
         _stop_on_signals(aggregator.stop)
         result = aggregator.run()
     if not aggregator.finished:
@@ -106,13 +122,16 @@ def _serve_aggregator(settings: Settings) -> int:
 
 def _serve_worker(settings: Settings) -> int:
     from fedmq.broker.rabbitmq import RabbitBroker
+    from fedmq.events import EventBus
     from worker.service import Worker
 
     broker = RabbitBroker(settings.broker.broker_url, connection_name="fedmq-worker",
                           heartbeat_s=settings.broker.broker_heartbeat_s,
                           max_message_bytes=settings.broker.max_frame_bytes, tls=_tls_files(settings))
+    events, servers = EventBus(), []
+    _metrics_sink(settings, "worker", events, servers)
     with broker:
-        worker = Worker(settings, broker)
+        worker = Worker(settings, broker, events=events)
         # A stopped worker says goodbye, so the quorum stops counting on it at once instead of
         # after the heartbeat timeout.
         _stop_on_signals(worker.stop)
@@ -128,7 +147,11 @@ def _run_embedded(settings: Settings) -> int:
 
     print(f"fedmq embedded: {settings.embedded.workers} workers, {settings.run.model} on {settings.run.dataset}, "
           f"{settings.run.versions} versions", flush=True)
-    result = run_embedded(settings, on_version=lambda r: print(r.console_line(), flush=True))
+    from fedmq.events import EventBus
+
+    events, servers = EventBus(), []
+    _metrics_sink(settings, "aggregator", events, servers)
+    result = run_embedded(settings, on_version=lambda r: print(r.console_line(), flush=True), events=events)
     print(_summary(result), flush=True)
     return 0
 

@@ -15,6 +15,7 @@ from typing import Callable
 from aggregator.rounds import VersionRecord
 from aggregator.service import Aggregator, RunResult
 from fedmq.broker.memory import MemoryHub
+from fedmq.events import EventBus
 from fedmq.settings import Settings
 from worker.service import Worker
 
@@ -83,16 +84,18 @@ class EmbeddedWorkers:
 
 
 def run_embedded(settings: Settings, *, on_version: Callable[[VersionRecord], None] | None = None,
-                 hub: MemoryHub | None = None, clock: Callable[[], float] = time.monotonic) -> RunResult:
+                 hub: MemoryHub | None = None, clock: Callable[[], float] = time.monotonic,
+                 events: EventBus | None = None) -> RunResult:
     """Run a whole federation in this process and return the aggregator's result.
 
     ``hub`` lets a caller (tests) share the in-memory broker to watch or inject messages;
-    ``clock`` is the aggregator's (tests move it to pass deadlines).
+    ``clock`` is the aggregator's (tests move it to pass deadlines); ``events`` receives the
+    aggregator's events (:mod:`fedmq.events`).
     """
     settings = as_embedded(settings)
     hub = hub or MemoryHub()
     aggregator_broker = hub.connect()
-    aggregator = Aggregator(settings, aggregator_broker, on_version=on_version, clock=clock)
+    aggregator = Aggregator(settings, aggregator_broker, on_version=on_version, clock=clock, events=events)
     workers = EmbeddedWorkers(hub, settings).start()
     finished = False
     try:

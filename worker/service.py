@@ -25,6 +25,8 @@ import torch
 from fedmq.broker.base import Broker, Delivery
 from fedmq.device import resolve_device
 from fedmq.errors import BrokerError, InvalidMessage
+from fedmq.event_log import log_event
+from fedmq.events import EventBus, TrainingFinished, UpdateSent, WorkerProgress
 from fedmq.messages import (EvaluationReport, EvaluationRequest, Heartbeat, JoinAccepted, ModelBroadcast,
                             RunComplete, TaskSpec, WeightUpdate, WorkerGoodbye, WorkerHello, encode)
 from fedmq.settings import Settings
@@ -38,6 +40,7 @@ from worker.data_sources import open_data_source, prepare_local_data
 from worker.error_feedback import ErrorFeedback
 from worker.local_data import LocalData, LocalDataError
 from worker.trainer import train_locally, training_seed, weights_mismatch
+from worker.training_progress import TrainingProgress
 from worker.training_slots import TrainingSlots
 from worker.update_outbox import UpdateOutbox
 
@@ -64,9 +67,11 @@ class _LocalData:
 
 
 class Worker:
-    """One federation participant; :meth:`run` returns when the run completes or on :meth:`stop`."""
+    """One federation participant; :meth:`run` returns when the run completes or on :meth:`stop`.
+    Its heartbeats, trainings and sent updates go out as events (:mod:`fedmq.events`) to ``events``."""
 
-    def __init__(self, settings: Settings, broker: Broker, *, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, settings: Settings, broker: Broker, *, clock: Callable[[], float] = time.monotonic,
+                 events: EventBus | None = None) -> None:
         self.settings = settings
         self.cfg = settings.worker
         self.worker_id = self.cfg.worker_id or default_worker_id()
@@ -86,6 +91,10 @@ class Worker:
         # next heartbeat announces it again.
         self._control_ttl_s = max(5.0, 4 * self.cfg.heartbeat_interval_s)
         self.updates_sent = 0
+        self.events = EventBus(log_event)
+        if events is not None:
+            self.events.add(events.emit)
+        self.progress = TrainingProgress()
         self._cond = threading.Condition()
         self._stopping = threading.Event()
         self._done = False
@@ -166,10 +175,13 @@ class Worker:
         self.stop()
 
     def _send_heartbeat(self) -> None:
+        progress = self.progress.snapshot()
         with self._cond:
             beat = Heartbeat(self.worker_id, self._run_id, self._state, self._trained[1], self._partition,
-                             self.device.type, time.time())
+                             self.device.type, time.time(), progress.fraction, progress.samples_per_second)
         self.transport.send(DEFAULT_EXCHANGE, CONTROL_QUEUE, beat, persistent=False, ttl_s=self._control_ttl_s)
+        self.events.emit(WorkerProgress(beat.run_id, self.worker_id, beat.state, beat.version, beat.partition,
+                                        beat.device, beat.progress, beat.samples_per_second, self.clock()))
 
     def _on_inbox(self, delivery: Delivery) -> None:
         try:
@@ -280,6 +292,7 @@ class Worker:
             self._cond.notify_all()
         self.updates_sent += 1
         log.info("worker %s: update for version %d sent (%.2f MB)", self.worker_id, key[1], size / 1e6)
+        self.events.emit(UpdateSent(key[0], self.worker_id, key[1], size))
         self._send_heartbeat()
 
     # -- training thread ------------------------------------------------------------------------
@@ -416,8 +429,12 @@ class Worker:
                 with self._cond:
                     self._state = "idle"
                 return
-            result = train_locally(data.model, model.weights, data.train.inputs, data.train.labels, model.training,
-                                   seed=seed, should_stop=superseded)
+            self.progress.begin(model.version)
+            try:
+                result = train_locally(data.model, model.weights, data.train.inputs, data.train.labels,
+                                       model.training, seed=seed, should_stop=superseded, on_step=self.progress.step)
+            finally:
+                speed = self.progress.end()
         with self._cond:
             self._state = "idle"
             if not result.completed:
@@ -432,6 +449,8 @@ class Worker:
         update = WeightUpdate(model.run_id, model.version, self.worker_id, data.partition, result.num_samples,
                               result.train_loss, result.seconds, result.steps, delta)
         body = encode(update)
+        self.events.emit(TrainingFinished(model.run_id, self.worker_id, model.version, result.num_samples,
+                                          result.steps, result.seconds, result.train_loss, speed))
         log.info("worker %s: version %d trained, %d steps, loss %.4f, %.1f s", self.worker_id, model.version,
                  result.steps, result.train_loss, result.seconds)
         self.broker.call_threadsafe(lambda: self._queue_update(key, body))

@@ -41,8 +41,12 @@ def make_optimizer(config: TrainingConfig, params) -> torch.optim.Optimizer:
 
 def train_locally(model: torch.nn.Module, weights: Mapping[str, torch.Tensor], images: torch.Tensor,
                   labels: torch.Tensor, config: TrainingConfig, *, seed: int,
-                  should_stop: Callable[[], bool] = lambda: False) -> TrainResult:
+                  should_stop: Callable[[], bool] = lambda: False,
+                  on_step: Callable[[int, int, int], None] | None = None) -> TrainResult:
     """Train ``model`` from ``weights`` on ``images``/``labels`` (already on the model's device).
+
+    ``on_step(steps, total_steps, samples)`` is called after each optimizer step (``samples``:
+    gone through so far, epochs counted).
 
     A fresh optimizer per version, as in FedAvg: no optimizer state crosses versions.
     """
@@ -60,7 +64,7 @@ def train_locally(model: torch.nn.Module, weights: Mapping[str, torch.Tensor], i
     per_epoch = math.ceil(n / batch)
     total_steps = config.local_steps if config.local_steps > 0 else config.local_epochs * per_epoch
     generator = torch.Generator().manual_seed(seed)
-    steps, loss_sum, loss_count = 0, torch.zeros((), device=device), 0
+    steps, loss_sum, loss_count, samples = 0, torch.zeros((), device=device), 0, 0
     completed = True
     while steps < total_steps:
         order = torch.randperm(n, generator=generator).to(device)
@@ -84,6 +88,9 @@ def train_locally(model: torch.nn.Module, weights: Mapping[str, torch.Tensor], i
             loss_sum += loss.detach()
             loss_count += 1
             steps += 1
+            samples += len(index)
+            if on_step is not None:
+                on_step(steps, total_steps, samples)
         if not completed:
             break
     trained = model.state_dict()
