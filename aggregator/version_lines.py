@@ -90,7 +90,7 @@ class VersionLines:
         if federated is not None and federated.accuracy is not None:
             record = dataclasses.replace(record, federated_accuracy=federated.accuracy, federated_loss=federated.loss,
                                          federated_samples=federated.samples, federated_workers=federated.workers)
-        self.events.emit(VersionClosed(**record.to_json()))
+        self.events.emit(VersionClosed.from_line(record.to_json()))
         self.records.append(record)
         log.info("version %d of run %s: %d updates, test accuracy %s, federated accuracy %s (%d held-out samples "
                  "of %d workers), %.1f s", record.version, self.run_id, record.participants,

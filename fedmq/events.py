@@ -141,10 +141,21 @@ class VersionClosed:
     federated_loss: float | None = None
     federated_samples: int = 0
     federated_workers: int = 0
+    #: Fields of the line this class does not name (added to the record later): kept, in order.
+    extra: tuple[tuple[str, Any], ...] = ()
+
+    @classmethod
+    def from_line(cls, line: dict[str, Any]) -> "VersionClosed":
+        """The event of a ``metrics.jsonl`` line (:meth:`VersionRecord.to_json`)."""
+        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        return cls(**{k: v for k, v in line.items() if k in known},
+                   extra=tuple((k, v) for k, v in line.items() if k not in known))
 
     def line(self) -> dict[str, Any]:
         """The ``metrics.jsonl`` line: every field."""
-        return dataclasses.asdict(self)
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
+        out.update(self.extra)
+        return out
 
 
 @dataclass(frozen=True)
