@@ -33,6 +33,10 @@ class BrokerConfigError(BrokerError):
     """The broker refused an operation for a reason retrying will not fix (403/404/406)."""
 
 
+class AccessRefused(BrokerConfigError):
+    """403: the broker user may not do this (its permissions, or a refused login)."""
+
+
 class InvalidName(BrokerError):
     """A name or header AMQP cannot carry (over 255 bytes, not a string); never retried."""
 

@@ -1,8 +1,10 @@
 """Names and shapes of every exchange and queue fedmq uses.
 
 This module and ``broker_config/definitions.json`` describe the same topology;
-``tests/test_topology.py`` keeps them in agreement. Both services declare what they need on
-every (re)connection, so a broker started without the definitions file works too.
+``tests/test_topology.py`` keeps them in agreement. The aggregator declares this shared
+topology on every (re)connection, so a broker started without the definitions file works too; a
+worker declares its inbox, and the shared topology only where its broker user may configure it
+(a development broker's ``guest``; never in the compose cluster, whose definitions hold it).
 
 Flow:
 - ``fedmq.broadcast`` (fanout) carries model versions to every worker's inbox queue
@@ -10,6 +12,11 @@ Flow:
   default exchange (a joining worker's assignment and the current model).
 - ``fedmq.updates`` (durable) carries weight updates to the aggregator. Single active consumer:
   a standby aggregator can attach without two aggregators folding the same updates.
+- ``fedmq.submit`` (direct) is how workers publish: bound to ``fedmq.updates`` and
+  ``fedmq.control`` with their names as routing keys. Workers never publish through the default
+  exchange, which reaches every queue (another worker's inbox too); RabbitMQ's permissions are
+  per exchange, so a worker's broker user may write to ``fedmq.submit`` and nothing that carries
+  models (see :mod:`fedmq.broker_users`).
 - ``fedmq.control`` (durable) carries hellos, heartbeats and goodbyes to the aggregator. It has
   no dead-letter exchange on purpose: these messages carry a per-message TTL, and with one every
   heartbeat sent while no aggregator consumes would expire into the dead letters. Expired
@@ -28,6 +35,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 BROADCAST_EXCHANGE = "fedmq.broadcast"
+SUBMIT_EXCHANGE = "fedmq.submit"
 DEAD_LETTER_EXCHANGE = "fedmq.dead"
 DEFAULT_EXCHANGE = ""
 
@@ -87,6 +95,7 @@ _DEAD_LETTERING = (("x-dead-letter-exchange", DEAD_LETTER_EXCHANGE),)
 STATIC_TOPOLOGY = Topology(
     exchanges=(
         ExchangeSpec(BROADCAST_EXCHANGE, "fanout"),
+        ExchangeSpec(SUBMIT_EXCHANGE, "direct"),
         ExchangeSpec(DEAD_LETTER_EXCHANGE, "fanout"),
     ),
     queues=(
@@ -95,12 +104,18 @@ STATIC_TOPOLOGY = Topology(
         QueueSpec(DEAD_LETTER_QUEUE, arguments=(("x-max-length", DEAD_LETTER_MAX_MESSAGES),
                                                 ("x-overflow", "drop-head"))),
     ),
-    bindings=(BindingSpec(DEAD_LETTER_EXCHANGE, DEAD_LETTER_QUEUE),),
+    bindings=(BindingSpec(SUBMIT_EXCHANGE, UPDATES_QUEUE, UPDATES_QUEUE),
+              BindingSpec(SUBMIT_EXCHANGE, CONTROL_QUEUE, CONTROL_QUEUE),
+              BindingSpec(DEAD_LETTER_EXCHANGE, DEAD_LETTER_QUEUE)),
 )
 
 
 def inbox_queue(worker_id: str) -> QueueSpec:
-    """The queue one worker consumes model broadcasts and direct messages from."""
+    """The queue one worker consumes model broadcasts and direct messages from.
+
+    A worker's default id begins with its broker user (``<user>.``), and so does its inbox's
+    name after the prefix: the worker user's permissions cover exactly those inboxes.
+    """
     return QueueSpec(
         INBOX_PREFIX + worker_id,
         arguments=(("x-expires", INBOX_EXPIRES_MS),) + _DEAD_LETTERING,

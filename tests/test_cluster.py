@@ -31,6 +31,8 @@ pytestmark = pytest.mark.cluster
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 RUN_ID = "cluster-test"
+# compose.yaml's default worker user: worker ids start with it (its permissions cover their inboxes).
+WORKER_USER = "fedmq-worker"
 
 
 @pytest.fixture(scope="module")
@@ -86,18 +88,19 @@ def test_compose_cluster_scales_survives_stop_and_kill_and_keeps_results_after_d
     cluster.compose("up", "-d", "--no-recreate", "--scale", "worker=4")
     (fourth,) = set(cluster.container_ids("worker")) - set(first_three)
     fourth_host = host_name(fourth)
-    # Its updates are logged as "version N: update k/m from <host name>-<pid>-<suffix>".
-    cluster.wait_until("the fourth worker's update", lambda: f"from {fourth_host}-" in cluster.logs("aggregator"), 240)
+    # Its updates are logged as "version N: update k/m from <broker user>.<host name>-<pid>-<suffix>".
+    cluster.wait_until("the fourth worker's update", lambda: f"from {WORKER_USER}.{fourth_host}-" in cluster.logs("aggregator"),
+                       240)
     phase(f"the fourth worker's update arrived (versions so far: {len(cluster.versions())})")
 
     stopped, killed = first_three[0], first_three[1]
     stopped_host, killed_host = host_name(stopped), host_name(killed)
     subprocess.run(["docker", "stop", "-t", "120", stopped], check=True, capture_output=True)
     assert inspect(stopped, "{{.State.ExitCode}}") == "0"  # SIGTERM to PID 1: goodbye, exit 0
-    cluster.wait_until("the goodbye", lambda: re.search(rf"worker {stopped_host}-\S+ left", cluster.logs("aggregator")), 60)
+    cluster.wait_until("the goodbye", lambda: re.search(rf"worker {WORKER_USER}\.{stopped_host}-\S+ left", cluster.logs("aggregator")), 60)
     subprocess.run(["docker", "kill", killed], check=True, capture_output=True)
     cluster.wait_until("the killed worker dropped", lambda: re.search(
-        rf"worker {killed_host}-\S+ silent for over \d+ s: considered dead", cluster.logs("aggregator")), 120)
+        rf"worker {WORKER_USER}\.{killed_host}-\S+ silent for over \d+ s: considered dead", cluster.logs("aggregator")), 120)
     after_kill = len(cluster.versions())
     cluster.wait_until("a version without the two", lambda: len(cluster.versions()) > after_kill, 120)
     phase(f"one worker stopped, one killed; versions go on ({len(cluster.versions())} so far)")

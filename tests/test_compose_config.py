@@ -68,13 +68,35 @@ def test_the_broker_runs_the_repository_configuration_and_is_healthchecked():
     assert broker["image"].endswith(":-rabbitmq:4.2-management}")
     assert broker["hostname"] == "rabbitmq"
     mounts = {m.split(":")[1]: m.split(":")[0] for m in broker["volumes"]}
-    assert mounts["/etc/rabbitmq/definitions.json"] == "./broker_config/definitions.json"
+    assert mounts["/etc/fedmq/definitions.template.json"] == "./broker_config/definitions.json"
+    assert mounts["/etc/fedmq/start-broker.sh"] == "./broker_config/start-broker.sh"
     assert mounts["/etc/rabbitmq/conf.d/90-fedmq.conf"] == "./broker_config/rabbitmq.conf"
     assert mounts["/var/lib/rabbitmq"] == "broker-data"
     assert "check_port_connectivity" in broker["healthcheck"]["test"]
+    # start-broker.sh renders the definitions (the users from the environment) where the
+    # configuration imports them from, then starts the broker.
+    assert broker["entrypoint"] == ["sh", "/etc/fedmq/start-broker.sh"] and broker["command"] == ["rabbitmq-server"]
+    script = (REPO / "broker_config" / "start-broker.sh").read_text()
+    rendered = re.search(r'out="\$\{DEFINITIONS_OUT:-(.+)\}"', script).group(1)
+    template = re.search(r'template="\$\{DEFINITIONS_TEMPLATE:-(.+)\}"', script).group(1)
+    assert template == "/etc/fedmq/definitions.template.json"
     conf = (REPO / "broker_config" / "rabbitmq.conf").read_text()
-    assert "definitions.local.path = /etc/rabbitmq/definitions.json" in conf
+    assert f"definitions.local.path = {rendered}" in conf
     json.loads((REPO / "broker_config" / "definitions.json").read_text())
+
+
+def test_every_service_has_its_own_broker_user_and_nobody_is_guest():
+    users = {}
+    for service in FEDMQ_SERVICES:
+        url = environment(service)["FEDMQ_BROKER_URL"]
+        users[service] = re.match(r"amqps?://\$\{(BROKER_\w+_USER):-([\w-]+)\}:\$\{(BROKER_\w+_PASSWORD):-", url).group(1, 2, 3)
+    assert users["aggregator"] == ("BROKER_AGGREGATOR_USER", "fedmq-aggregator", "BROKER_AGGREGATOR_PASSWORD")
+    assert users["worker"] == users["worker-gpu"] == ("BROKER_WORKER_USER", "fedmq-worker", "BROKER_WORKER_PASSWORD")
+    broker_env = SERVICES["rabbitmq"]["environment"]
+    for name, default, password in users.values():
+        assert broker_env[name] == f"${{{name}:-{default}}}"  # the broker creates the user the service logs in as
+        assert broker_env[password].startswith(f"${{{password}:-")
+    assert "guest:" not in (REPO / "compose.yaml").read_text()
 
 
 @pytest.mark.parametrize("service", FEDMQ_SERVICES)

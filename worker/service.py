@@ -33,7 +33,8 @@ from fedmq.settings import Settings
 from fedmq.task import BUILTIN_MODELS, build_model
 from fedmq.task.evaluation import evaluate
 from fedmq.tensor_codec import element_count, encoded_size_bound
-from fedmq.topology import CONTROL_QUEUE, DEFAULT_EXCHANGE, STATIC_TOPOLOGY, UPDATES_QUEUE, inbox_queue, inbox_topology
+from fedmq.broker_users import declare_shared_topology
+from fedmq.topology import CONTROL_QUEUE, SUBMIT_EXCHANGE, UPDATES_QUEUE, inbox_queue, inbox_topology
 from fedmq.transport import Transport
 from fedmq.codecs import parse_codec
 from worker.data_sources import open_data_source, prepare_local_data
@@ -47,10 +48,12 @@ from worker.update_outbox import UpdateOutbox
 log = logging.getLogger(__name__)
 
 
-def default_worker_id() -> str:
-    """Host name, process id and a random suffix: unique across ``--scale``d containers."""
+def default_worker_id(user: str | None = None) -> str:
+    """Host name, process id and a random suffix: unique across ``--scale``d containers;
+    after ``<user>.`` when the broker user is known (its permissions cover inboxes named so,
+    and an aggregator that requires identity checks it)."""
     host = "".join(c if c.isalnum() or c in "-_." else "-" for c in socket.gethostname())[:40]
-    return f"{host}-{os.getpid()}-{uuid.uuid4().hex[:4]}"
+    return f"{user + '.' if user else ''}{host}-{os.getpid()}-{uuid.uuid4().hex[:4]}"
 
 
 #: Batch size when a worker scores a model on its held-out rows.
@@ -74,7 +77,7 @@ class Worker:
                  events: EventBus | None = None) -> None:
         self.settings = settings
         self.cfg = settings.worker
-        self.worker_id = self.cfg.worker_id or default_worker_id()
+        self.worker_id = self.cfg.worker_id or default_worker_id(broker.user)
         self.broker = broker
         self.transport = Transport(broker, max_frame_bytes=settings.broker.max_frame_bytes)
         self.device = resolve_device(self.cfg.device)
@@ -114,18 +117,18 @@ class Worker:
         self.failure: str | None = None
         self._goodbye = ("leaving", "", "")  # (reason, detail, run id) said when run() returns
         self._feedback = ErrorFeedback()  # used by the training thread only
-        self._outbox = UpdateOutbox(lambda body: self.transport.send(DEFAULT_EXCHANGE, UPDATES_QUEUE, body))
+        self._outbox = UpdateOutbox(lambda body: self.transport.send(SUBMIT_EXCHANGE, UPDATES_QUEUE, body))
 
     # -- connection thread ----------------------------------------------------------------------
     def run(self) -> int:
         """Serve until the run completes (with ``exit_when_done``) or :meth:`stop`; returns the
         number of updates sent."""
-        self.broker.declare(STATIC_TOPOLOGY)
+        declare_shared_topology(self.broker, f"worker {self.worker_id}")
         self.broker.declare(inbox_topology(self.worker_id))
         # Each inbox message is acknowledged as soon as it is read (before any training), so an
         # unlimited prefetch cannot deadlock chunk reassembly or trip the consumer timeout.
         self.broker.subscribe(inbox_queue(self.worker_id).name, self._on_inbox, prefetch=0)
-        self.transport.send(DEFAULT_EXCHANGE, CONTROL_QUEUE,
+        self.transport.send(SUBMIT_EXCHANGE, CONTROL_QUEUE,
                             WorkerHello(self.worker_id, self.cfg.partition, self.device.type, time.time()),
                             ttl_s=self._control_ttl_s)
         log.info("worker %s on %s: hello sent, waiting for the aggregator", self.worker_id, self.device)
@@ -149,7 +152,7 @@ class Worker:
             if not self._done:
                 reason, detail, run_id = self._goodbye
                 try:
-                    self.transport.send(DEFAULT_EXCHANGE, CONTROL_QUEUE,
+                    self.transport.send(SUBMIT_EXCHANGE, CONTROL_QUEUE,
                                         WorkerGoodbye(self.worker_id, run_id or self._run_id, reason, detail),
                                         persistent=False, ttl_s=self._control_ttl_s)
                 except BrokerError as exc:
@@ -179,7 +182,7 @@ class Worker:
         with self._cond:
             beat = Heartbeat(self.worker_id, self._run_id, self._state, self._trained[1], self._partition,
                              self.device.type, time.time(), progress.fraction, progress.samples_per_second)
-        self.transport.send(DEFAULT_EXCHANGE, CONTROL_QUEUE, beat, persistent=False, ttl_s=self._control_ttl_s)
+        self.transport.send(SUBMIT_EXCHANGE, CONTROL_QUEUE, beat, persistent=False, ttl_s=self._control_ttl_s)
         self.events.emit(WorkerProgress(beat.run_id, self.worker_id, beat.state, beat.version, beat.partition,
                                         beat.device, beat.progress, beat.samples_per_second, self.clock()))
 
@@ -253,7 +256,7 @@ class Worker:
         # On the update queue, before this version's update: the aggregator reads it first.
         # A score is worth less than an update: one that cannot be sent is not retried.
         try:
-            self.transport.send(DEFAULT_EXCHANGE, UPDATES_QUEUE, body)
+            self.transport.send(SUBMIT_EXCHANGE, UPDATES_QUEUE, body)
         except BrokerError as exc:
             log.warning("worker %s: evaluation of version %d not sent: %s", self.worker_id, version, exc)
 

@@ -24,6 +24,8 @@ class Delivery:
 
     ``tag`` is an opaque handle for :meth:`Broker.ack` / :meth:`Broker.reject`; after a
     reconnection it goes stale (acking it is a no-op) and the broker redelivers the message.
+    ``user_id``: the broker user that published it (AMQP ``user_id``, which RabbitMQ refuses
+    unless it is the publishing connection's user), None if the publisher set none.
     """
 
     queue: str
@@ -31,13 +33,20 @@ class Delivery:
     headers: Mapping[str, Any] = field(default_factory=dict)
     redelivered: bool = False
     tag: Any = None
+    user_id: str | None = None
 
 
 DeliveryHandler = Callable[[Delivery], None]
 
 
 class Broker(abc.ABC):
-    """A connection to a message broker, with publisher confirms and manual acknowledgements."""
+    """A connection to a message broker, with publisher confirms and manual acknowledgements.
+
+    ``user``: the broker user it authenticated as (None when unknown); every message it
+    publishes carries it as the AMQP ``user_id``, which the broker validates.
+    """
+
+    user: str | None = None
 
     @abc.abstractmethod
     def declare_exchange(self, spec: ExchangeSpec) -> None:

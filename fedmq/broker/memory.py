@@ -37,6 +37,7 @@ class _Stored:
     persistent: bool
     redelivered: bool = False
     expires_at: float | None = None  # monotonic seconds, from a per-message TTL
+    user_id: str | None = None  # the publishing connection's user
 
 
 class _Queue:
@@ -82,7 +83,7 @@ class MemoryHub:
         headers = dict(stored.headers)
         headers.setdefault("x-first-death-queue", name)
         headers.setdefault("x-first-death-reason", reason)
-        self._enqueue(str(dlx), name, _Stored(stored.body, headers, True), False)
+        self._enqueue(str(dlx), name, _Stored(stored.body, headers, True, user_id=stored.user_id), False)
 
     def _delete(self, name: str) -> None:
         self._queues.pop(name, None)
@@ -108,7 +109,7 @@ class MemoryHub:
         for queue in targets:
             # Each queue gets its own record (redelivery flags differ); the bytes are shared.
             queue.messages.append(_Stored(stored.body, dict(stored.headers), stored.persistent,
-                                          expires_at=stored.expires_at))
+                                          expires_at=stored.expires_at, user_id=stored.user_id))
         self.condition.notify_all()
 
     # -- inspection, for tests and the embedded mode ------------------------------------------
@@ -129,8 +130,8 @@ class MemoryHub:
             self._sweep()
             return [(m.body, dict(m.headers)) for m in self._queues[queue].messages]
 
-    def connect(self, *, max_message_bytes: int = MAX_FRAME_BYTES) -> "MemoryBroker":
-        return MemoryBroker(self, max_message_bytes=max_message_bytes)
+    def connect(self, *, max_message_bytes: int = MAX_FRAME_BYTES, user: str | None = None) -> "MemoryBroker":
+        return MemoryBroker(self, max_message_bytes=max_message_bytes, user=user)
 
 
 class MemoryBroker(Broker):
@@ -138,8 +139,11 @@ class MemoryBroker(Broker):
 
     _tags = itertools.count(1)
 
-    def __init__(self, hub: MemoryHub, *, max_message_bytes: int = MAX_FRAME_BYTES) -> None:
+    def __init__(self, hub: MemoryHub, *, max_message_bytes: int = MAX_FRAME_BYTES, user: str | None = None) -> None:
         self.hub = hub
+        #: Stamped on every message this connection publishes, as RabbitBroker does (a
+        #: connection cannot publish in another user's name).
+        self.user = user
         #: Like RabbitBroker's: a larger publish raises MessageTooLarge before it is sent.
         self.max_message_bytes = int(max_message_bytes)
         self._handlers: dict[str, tuple[DeliveryHandler, int]] = {}
@@ -205,7 +209,7 @@ class MemoryBroker(Broker):
         if headers:
             check_headers(headers)
         expires_at = None if ttl_s is None else time.monotonic() + ttl_s
-        stored = _Stored(bytes(body), dict(headers or {}), persistent, expires_at=expires_at)
+        stored = _Stored(bytes(body), dict(headers or {}), persistent, expires_at=expires_at, user_id=self.user)
         with self.hub.condition:
             self.hub._sweep()
             self.hub._enqueue(exchange, routing_key, stored, mandatory)
@@ -268,7 +272,7 @@ class MemoryBroker(Broker):
             stored = queue.messages.popleft()
             tag = next(self._tags)
             self._unacked[tag] = (queue_name, stored)
-            delivery = Delivery(queue_name, stored.body, stored.headers, stored.redelivered, tag)
+            delivery = Delivery(queue_name, stored.body, stored.headers, stored.redelivered, tag, stored.user_id)
             return handler, delivery
         return None
 

@@ -79,6 +79,9 @@ class RabbitBroker(ConsumingSide, Broker):
             delivery_mode=2 if persistent else 1,
             # Per-message TTL, in milliseconds as a string (AMQP 0.9.1's `expiration`).
             expiration=None if ttl_s is None else str(max(0, int(ttl_s * 1000))),
+            # RabbitMQ refuses (406) a user_id other than the connection's user: a consumer can
+            # trust it as the sender's identity (aggregator --require-worker-identity).
+            user_id=self.user,
         )
         last = "unknown error"
         for _ in range(_OP_TRIES):

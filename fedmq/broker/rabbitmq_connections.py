@@ -101,6 +101,10 @@ class RabbitConnections:
         # one every heartbeat/2 seconds) fires on time even while we wait on the other one.
         self._slice_s = min(0.5, max(0.05, self._heartbeat_s / 8)) if self._heartbeat_s else 0.5
         self._params = {role: self._parameters(role) for role in (_PUBLISH, _CONSUME)}
+        # The user the URL logs in as (pika's default: guest); None for EXTERNAL (certificate)
+        # logins, whose user name the broker takes from the certificate.
+        credentials = self._params[_PUBLISH].credentials
+        self.user: str | None = getattr(credentials, "username", None) or None
 
         self._closed = False
         self._last_serviced = time.monotonic()  # when run_for last read the sockets

@@ -130,6 +130,7 @@ class ConsumingSide(RabbitConnections):
                 headers=dict(properties.headers or {}),
                 redelivered=bool(method.redelivered),
                 tag=_Tag(generation, method.delivery_tag),
+                user_id=properties.user_id,
             )
         )
 

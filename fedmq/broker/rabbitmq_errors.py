@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pika.exceptions as pex
 
-from fedmq.errors import BrokerConfigError
+from fedmq.errors import AccessRefused, BrokerConfigError
 
 
 #: AMQP reply codes that mean "your request is wrong", not "try again later":
@@ -32,6 +32,8 @@ def reply_of(exc: BaseException) -> tuple[int | None, str]:
 def config_error(exc: BaseException) -> BrokerConfigError | None:
     """The :class:`BrokerConfigError` for ``exc`` if retrying cannot help, else ``None``."""
     code, text = reply_of(exc)
+    if code == 403:
+        return AccessRefused(f"{code} {text}")
     if code in CONFIG_REPLY_CODES:
         return BrokerConfigError(f"{code} {text}")
     return None
