@@ -30,6 +30,7 @@ class OpenRound:
     deadline: float = float("inf")
     broadcast: bytes | None = None  # the encoded ModelBroadcast, re-sent to joiners
     attempt: int = 0  # of the current broadcast (see ModelBroadcast)
+    awaited: tuple[str, ...] = ()  # of the current broadcast (see ModelBroadcast)
     folded: set[str] = field(default_factory=set)
     held: dict[str, tuple[Delivery, ...]] = field(default_factory=dict)  # worker -> its update's newest copy
     weighted_train_loss: float = 0.0  # sum of train_loss * num_samples over the folded updates

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Callable
 
 
+from aggregator.broadcasting import Broadcaster
 from aggregator.checkpoint import CheckpointError, CheckpointStore
 from aggregator.close_policy import Decision, SyncClosePolicy
 from aggregator.defences import Defences, partition_sizes
@@ -38,15 +39,16 @@ from aggregator.version_lines import VersionLines
 from fedmq.broker.base import Broker, Delivery
 from fedmq.device import resolve_device
 from fedmq.errors import InvalidMessage
+from fedmq.codecs import parse_codec
 from fedmq.event_log import log_event
 from fedmq.events import EventBus, RunFinished, UpdateRefused, VersionOpened
-from fedmq.messages import (EvaluationReport, EvaluationRequest, ModelBroadcast, RunComplete, TaskSpec, TrainingConfig,
-                            encode, peek_kind)
+from fedmq.messages import (EvaluationReport, EvaluationRequest, KeyframeRequest, RunComplete, TaskSpec,
+                            TrainingConfig, peek_kind)
 from fedmq.metrics_file import MetricsFile
 from fedmq.settings import DEFAULT_RUN_ID, Settings
 from fedmq.task import build_model, load_split
 from fedmq.task.evaluation import Evaluation, evaluate
-from fedmq.topology import BROADCAST_EXCHANGE, CONTROL_QUEUE, DEFAULT_EXCHANGE, STATIC_TOPOLOGY, UPDATES_QUEUE, inbox_queue
+from fedmq.topology import BROADCAST_EXCHANGE, CONTROL_QUEUE, STATIC_TOPOLOGY, UPDATES_QUEUE
 from fedmq.tensor_codec import element_count, encoded_size_bound, payload_bytes
 from fedmq.transport import ReceivedBytes, Transport
 
@@ -105,6 +107,7 @@ class Aggregator:
         self.version = 0
         self.resumed = False
         self.checkpointed: frozenset = frozenset()  # keys of the updates in the last checkpoint
+        self.broadcaster = Broadcaster(self.transport, self.run_id, self.training, parse_codec(cfg.broadcast_codec))
         self._resume()
         self.membership = Membership(self.registry, self.transport, self.run_id, self.task, clock, self._on_joined,
                                      emit=self.events.emit)
@@ -138,6 +141,7 @@ class Aggregator:
         # timeout: the resumed version waits for them instead of closing on the first update.
         self.registry.restore(checkpoint.partition_table, checkpoint.live_workers, self.clock())
         self.resumed = True
+        self.broadcaster.restore_reference(self.store.directory, self.version, checkpoint.live_workers)
         log.info("run %s: resuming from the checkpoint of version %d (%d workers were live)",
                  self.run_id, self.version, len(checkpoint.live_workers))
 
@@ -233,7 +237,7 @@ class Aggregator:
         # The selected workers score this version on receipt: its line waits for them.
         self.lines.await_scores(chosen, round_.deadline)
         sent = self._broadcast(round_, live, attempt=0, awaited=())
-        log.info("version %d: broadcast %.2f MB to %d live workers (%d expected, %d updates already in)",
+        log.info("version %d: broadcast %.2f MB in all to %d live workers (%d expected, %d updates already in)",
                  round_.version, sent / 1e6, len(live), len(chosen), len(round_.folded))
         self.events.emit(VersionOpened(self.run_id, round_.version, len(chosen), len(live), round_.bytes_down,
                                        round_.started, self.cfg.round_timeout_s))
@@ -255,14 +259,14 @@ class Aggregator:
                     round_.version, why, len(awaited), len(live))
 
     def _broadcast(self, round_: OpenRound, live: list[str], *, attempt: int, awaited: tuple[str, ...]) -> int:
-        """Encode the round's model once, publish it on the fanout and count the copies sent."""
-        round_.attempt = attempt
-        round_.broadcast = encode(ModelBroadcast(self.run_id, round_.version, self.training, round_.selected,
-                                                 self.weights, attempt, awaited))
-        sent = self.transport.send(BROADCAST_EXCHANGE, "", round_.broadcast, mandatory=False)
-        round_.bytes_down += sent * len(live)  # the fanout copies it into every live inbox
-        round_.copies_down += len(live)
-        return sent
+        """Send the round's version to the workers it names (every live one when all are
+        selected; see :mod:`aggregator.broadcasting`); returns the bytes sent."""
+        round_.attempt, round_.awaited = attempt, awaited
+        self.broadcaster.open(round_, self.weights)
+        recipients = sorted(set(round_.selected) | set(awaited)) if round_.selected else live
+        before = round_.bytes_down
+        self.broadcaster.send(round_, recipients, live)
+        return round_.bytes_down - before
 
     def _close_round(self, round_: OpenRound) -> None:
         proposal: Proposal = self.pipeline.propose(self.weights, round_.combiner)
@@ -281,6 +285,7 @@ class Aggregator:
                         live_workers=self.registry.live_ids(), folded=folded,
                         defences=self.defences.checkpoint_state(ledger),
                         pipeline_state=self.pipeline.state_after(proposal), aggregation=aggregation_record(self.cfg))
+        self.broadcaster.save_reference(self.store.directory)
         self.checkpointed = folded
         self.pipeline.commit(proposal)
         if privacy and ledger:
@@ -398,19 +403,29 @@ class Aggregator:
         except InvalidMessage as exc:
             self._dead_letter(raw.deliveries, exc.reason, exc.detail)
             return
-        if not self.membership.handle(message):
+        if isinstance(message, KeyframeRequest):
+            self._on_keyframe_request(message)
+        elif not self.membership.handle(message):
             self._dead_letter(raw.deliveries, "schema", f"a {message.KIND} message on the control queue")
             return
         for d in raw.deliveries:
             self.broker.ack(d)
 
+    def _on_keyframe_request(self, request: KeyframeRequest) -> None:
+        round_ = self.round
+        if (request.run_id != self.run_id or round_ is None or not round_.is_open
+                or request.worker_id not in self.registry.live_ids()):
+            return
+        if self.broadcaster.send_keyframe(round_, request.worker_id, requested=True):
+            log.warning("version %d: keyframe sent to %s, which could not rebuild version %d: %s", round_.version,
+                        request.worker_id, request.version, request.reason)
+
     def _on_joined(self, worker_id: str) -> None:
         round_ = self.round
         if round_ is None or round_.broadcast is None:
             return
-        # A late joiner gets the current model now, not at the next version.
-        round_.bytes_down += self.transport.send(DEFAULT_EXCHANGE, inbox_queue(worker_id).name, round_.broadcast)
-        round_.copies_down += 1
+        # A late joiner gets the current model now, whole, not at the next version.
+        self.broadcaster.send_keyframe(round_, worker_id)
         if not round_.selected and len(round_.expected) < self.cfg.start_workers:
             # A version opened short of --start-workers (after many workers died) counts
             # joiners into its quorum instead of closing on the first update.

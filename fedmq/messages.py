@@ -6,7 +6,7 @@ reason ``"schema"``; bytes that are not msgpack are reason ``"malformed"``. Chun
 message (:class:`Chunk`) are messages too, so one decoder reads every AMQP body.
 
 Flow (see ``fedmq/topology.py`` for the queues):
-worker -> control: :class:`WorkerHello`, :class:`Heartbeat`, :class:`WorkerGoodbye`
+worker -> control: :class:`WorkerHello`, :class:`Heartbeat`, :class:`WorkerGoodbye`, :class:`KeyframeRequest`
 aggregator -> one inbox: :class:`JoinAccepted` (then the current :class:`ModelBroadcast`)
 aggregator -> every inbox: :class:`ModelBroadcast`, :class:`EvaluationRequest` (the final model
 only), :class:`RunComplete`
@@ -356,6 +356,12 @@ class ModelBroadcast:
     carries a number not used before for that version, and ``awaited`` names the workers whose
     update the aggregator still lacks. A worker in ``awaited`` trains the version again unless it
     already answered this very attempt (the same broadcast can reach it twice: fanout and join).
+
+    Compressed broadcasts (:mod:`fedmq.downlink`): ``base_version`` -1 means ``weights`` is the
+    whole model (a keyframe); otherwise ``weights`` is the difference from the model of
+    ``base_version`` the worker holds. ``digest`` is the SHA-256 of the model the worker must
+    end up with (empty: not checked); a worker that cannot get it sends a
+    :class:`KeyframeRequest` and trains nothing.
     """
 
     KIND: ClassVar[str] = "model"
@@ -366,22 +372,49 @@ class ModelBroadcast:
     weights: Mapping[str, torch.Tensor]
     attempt: int = 0
     awaited: tuple[str, ...] = ()
+    base_version: int = -1
+    digest: bytes = b""
 
     def fields(self) -> dict[str, Any]:
         return {"run_id": self.run_id, "version": self.version, "training": self.training.to_wire(),
                 "selected": list(self.selected), "weights": encode_tensors(self.weights),
-                "attempt": self.attempt, "awaited": list(self.awaited)}
+                "attempt": self.attempt, "awaited": list(self.awaited), "base_version": self.base_version,
+                "digest": self.digest}
 
     @classmethod
     def from_fields(cls, r: _Reader) -> "ModelBroadcast":
         weights = r.tensors("weights")
-        return cls(r.ident("run_id"), r.int("version", minimum=0),
-                   TrainingConfig.from_wire(r.map("training")), r.idents("selected"), weights,
-                   r.int("attempt", minimum=0), r.idents("awaited"))
+        version, base, digest = r.int("version", minimum=0), r.int("base_version", minimum=-1), r.bytes("digest")
+        if base >= version:
+            raise InvalidMessage("schema", f"model.base_version={base} is not before version {version}")
+        if len(digest) not in (0, 32):
+            raise InvalidMessage("schema", f"model.digest has {len(digest)} bytes, want 0 or 32 (SHA-256)")
+        return cls(r.ident("run_id"), version, TrainingConfig.from_wire(r.map("training")), r.idents("selected"),
+                   weights, r.int("attempt", minimum=0), r.idents("awaited"), base, digest)
 
     def asks_again(self, worker_id: str) -> bool:
         """True if this broadcast asks ``worker_id`` to train its version again."""
         return self.attempt > 0 and worker_id in self.awaited
+
+
+@dataclass(frozen=True)
+class KeyframeRequest:
+    """A worker could not rebuild model ``version`` of ``run_id`` from a compressed broadcast
+    (``reason`` says why: it lacks the base version, or the digest disagrees) and asks for the
+    whole model. Sent to the control queue; the aggregator answers in the worker's inbox."""
+
+    KIND: ClassVar[str] = "keyframe-request"
+    worker_id: str
+    run_id: str
+    version: int
+    reason: str
+
+    def fields(self) -> dict[str, Any]:
+        return _plain_fields(self)
+
+    @classmethod
+    def from_fields(cls, r: _Reader) -> "KeyframeRequest":
+        return cls(r.ident("worker_id"), r.ident("run_id"), r.int("version", minimum=0), r.str("reason")[:1000])
 
 
 @dataclass(frozen=True)
@@ -557,7 +590,7 @@ class Chunk:
 
 
 Message = Union[WorkerHello, Heartbeat, WorkerGoodbye, JoinAccepted, ModelBroadcast, RunComplete, WeightUpdate,
-                EvaluationRequest, EvaluationReport, Chunk]
+                EvaluationRequest, EvaluationReport, Chunk, KeyframeRequest]
 _KINDS: dict[str, Any] = {cls.KIND: cls for cls in Message.__args__}  # type: ignore[attr-defined]
 
 

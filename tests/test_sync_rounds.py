@@ -7,6 +7,8 @@ machine trains.
 """
 
 import dataclasses
+import logging
+import re
 
 from fedmq.broker.memory import MemoryHub
 from fedmq_cli.embedded import run_embedded
@@ -53,18 +55,36 @@ def test_too_few_updates_at_the_deadline_re_broadcast_to_the_awaited_and_the_ver
     assert len(again) == 1 and again[0].awaited == ("silent",)
 
 
+class _Lines(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
 def test_client_fraction_names_a_seeded_subset_and_only_they_train(data_root, tmp_path):
     hub = MemoryHub()
-    observer = ScriptedWorker(hub, "observer", join=False).start()  # reads the broadcasts, never joins
+    # Only the selected workers receive a version (aggregator.broadcasting): who received which
+    # version is who was named.
+    lines, logger = _Lines(), logging.getLogger("worker.service")
+    logger.addHandler(lines)
+    level, logger.level = logger.level, logging.INFO
     try:
         settings = embedded_settings(data_root, tmp_path, versions=3, client_fraction=0.5, seed=3)
         settings = dataclasses.replace(settings, embedded=dataclasses.replace(settings.embedded, workers=4))
         result = run_embedded(settings, hub=hub)
     finally:
-        observer.stop()
-    # 4 live workers, ceil(0.5 * 4) = 2 named in each broadcast; only they train and report.
-    named = [b.selected for b in observer.broadcasts]
-    assert len(named) == 3 and all(len(s) == 2 for s in named), named
-    assert len(set(named)) > 1  # the seeded choice changes with the version
+        logger.removeHandler(lines)
+        logger.setLevel(level)
+    named: dict[int, set[str]] = {}
+    for line in lines.lines:
+        found = re.match(r"worker (\S+): model version (\d+) of run \S+ received", line)
+        if found:
+            named.setdefault(int(found[2]), set()).add(found[1])
+    # 4 live workers, ceil(0.5 * 4) = 2 named in each broadcast; only they receive, train and report.
+    assert sorted(named) == [0, 1, 2] and all(len(s) == 2 for s in named.values()), named
+    assert len({frozenset(s) for s in named.values()}) > 1  # the seeded choice changes with the version
     for record in result.records:
         assert (record.participants, record.expected, record.stale) == (2, 2, 0)

@@ -10,6 +10,7 @@ and finished updates back with ``broker.call_threadsafe``.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import socket
@@ -27,8 +28,8 @@ from fedmq.device import resolve_device
 from fedmq.errors import BrokerError, InvalidMessage
 from fedmq.event_log import log_event
 from fedmq.events import EventBus, TrainingFinished, UpdateSent, WorkerProgress
-from fedmq.messages import (EvaluationReport, EvaluationRequest, Heartbeat, JoinAccepted, ModelBroadcast,
-                            RunComplete, TaskSpec, WeightUpdate, WorkerGoodbye, WorkerHello, encode)
+from fedmq.messages import (EvaluationReport, EvaluationRequest, Heartbeat, JoinAccepted, KeyframeRequest,
+                            ModelBroadcast, RunComplete, TaskSpec, WeightUpdate, WorkerGoodbye, WorkerHello, encode)
 from fedmq.settings import Settings
 from fedmq.task import BUILTIN_MODELS, build_model
 from fedmq.task.evaluation import evaluate
@@ -37,6 +38,7 @@ from fedmq.broker_users import declare_shared_topology
 from fedmq.topology import CONTROL_QUEUE, SUBMIT_EXCHANGE, UPDATES_QUEUE, inbox_queue, inbox_topology
 from fedmq.transport import Transport
 from fedmq.codecs import parse_codec
+from fedmq.downlink import KEYFRAME, Frame, Reconstruction
 from worker.data_sources import open_data_source, prepare_local_data
 from worker.error_feedback import ErrorFeedback
 from worker.local_data import LocalData, LocalDataError
@@ -117,6 +119,7 @@ class Worker:
         self.failure: str | None = None
         self._goodbye = ("leaving", "", "")  # (reason, detail, run id) said when run() returns
         self._feedback = ErrorFeedback()  # used by the training thread only
+        self._reconstruction = Reconstruction()  # the model broadcasts rebuild (connection thread)
         self._outbox = UpdateOutbox(lambda body: self.transport.send(SUBMIT_EXCHANGE, UPDATES_QUEUE, body))
 
     # -- connection thread ----------------------------------------------------------------------
@@ -200,7 +203,7 @@ class Worker:
         if isinstance(message, JoinAccepted):
             self._on_join(message)
         elif isinstance(message, ModelBroadcast):
-            self._on_model(message)
+            self._on_frame(message)
         elif isinstance(message, EvaluationRequest):
             self._on_evaluation_request(message)
         elif isinstance(message, RunComplete):
@@ -231,6 +234,23 @@ class Worker:
             self._cond.notify_all()
         log.info("worker %s joined run %s: partition %d of %d (%s, %s)", self.worker_id, join.run_id,
                  join.partition_index, join.task.num_partitions, join.task.dataset, join.task.partition_scheme)
+
+    def _on_frame(self, model: ModelBroadcast) -> None:
+        """Rebuild the model a (possibly compressed) broadcast stands for (:mod:`fedmq.downlink`);
+        ask for the whole model instead of training on one that cannot be rebuilt exactly."""
+        if self._run_id and model.run_id != self._run_id:
+            self._on_model(model)  # not this worker's run: logged and ignored there
+            return
+        frame = Frame(model.version, model.base_version, model.weights, model.digest)
+        weights, why = self._reconstruction.apply(model.run_id, frame)
+        if weights is None:
+            log.warning("worker %s: version %d of run %s cannot be rebuilt (%s); not training on it, asking the "
+                        "aggregator for the whole model", self.worker_id, model.version, model.run_id, why)
+            self.transport.send(SUBMIT_EXCHANGE, CONTROL_QUEUE,
+                                KeyframeRequest(self.worker_id, model.run_id, model.version, why[:1000]),
+                                persistent=False, ttl_s=self._control_ttl_s)
+            return
+        self._on_model(dataclasses.replace(model, weights=weights, base_version=KEYFRAME))
 
     def _on_model(self, model: ModelBroadcast) -> None:
         with self._cond:
