@@ -34,6 +34,7 @@ from aggregator.pipeline import Proposal
 from aggregator.pipeline_config import aggregation_record, build_pipeline, check_same_aggregation
 from aggregator.registry import WorkerRegistry
 from aggregator.rounds import OpenRound, VersionRecord, fp32_ratio
+from aggregator.sender_identity import identity_refusal
 from aggregator.selection import select_participants
 from aggregator.version_lines import VersionLines
 from fedmq.broker.base import Broker, Delivery
@@ -389,10 +390,15 @@ class Aggregator:
         if invalid (then it is dead-lettered)."""
         self._handled += 1
         try:
-            return self.transport.receive_bytes(delivery)
+            raw = self.transport.receive_bytes(delivery)
         except InvalidMessage as exc:
             self._dead_letter(exc.deliveries, exc.reason, exc.detail)  # type: ignore[attr-defined]
             return None
+        refused = raw and identity_refusal(raw, required=self.cfg.require_worker_identity)
+        if refused:
+            self._dead_letter(raw.deliveries, *refused)
+            return None
+        return raw
 
     def _on_control(self, delivery: Delivery) -> None:
         raw = self._receive(delivery)

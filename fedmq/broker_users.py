@@ -5,7 +5,7 @@ Two kinds of RabbitMQ user, each limited to what its service does (RabbitMQ chec
 hence the anchors):
 
 - **the aggregator** declares the shared topology (:data:`fedmq.topology.STATIC_TOPOLOGY`),
-  consumes the update and control queues, publishes model versions on ``fedmq.broadcast`` and
+  consumes the update and control queues (and may read the dead letters), publishes model versions on ``fedmq.broadcast`` and
   to single inboxes through the default exchange (``amq.default`` for permissions), and
   republishes invalid messages to ``fedmq.dead``.
 - **a worker user** (one per site; a site's scaled replicas share it) declares, consumes and
@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from fedmq.errors import AccessRefused
-from fedmq.topology import (BROADCAST_EXCHANGE, CONTROL_QUEUE, DEAD_LETTER_EXCHANGE, INBOX_PREFIX,
+from fedmq.topology import (BROADCAST_EXCHANGE, CONTROL_QUEUE, DEAD_LETTER_EXCHANGE, DEAD_LETTER_QUEUE, INBOX_PREFIX,
                             STATIC_TOPOLOGY, SUBMIT_EXCHANGE, UPDATES_QUEUE, Topology)
 
 log = logging.getLogger(__name__)
@@ -88,11 +88,12 @@ def aggregator_permissions(topology: Topology = STATIC_TOPOLOGY) -> Permissions:
     dead_lettering = tuple(q.name for q in topology.queues if q.argument("x-dead-letter-exchange"))
     # write: publishing (broadcast, default, dead), binding a queue (its destination), and
     # declaring a queue with a dead-letter exchange (write on that exchange).
-    # read: consuming, binding (the source exchange), and declaring a dead-lettering queue.
+    # read: consuming, binding (the source exchange), and declaring a dead-lettering queue; the
+    # dead letters too, so that an operator can inspect them with the aggregator's login.
     return Permissions(
         configure=_one_of(*_shared_names(topology)),
         write=_one_of(DEFAULT_EXCHANGE_RESOURCE, BROADCAST_EXCHANGE, DEAD_LETTER_EXCHANGE, *queues),
-        read=_one_of(*dict.fromkeys((*sources, UPDATES_QUEUE, CONTROL_QUEUE, *dead_lettering))))
+        read=_one_of(*dict.fromkeys((*sources, UPDATES_QUEUE, CONTROL_QUEUE, *dead_lettering, DEAD_LETTER_QUEUE))))
 
 
 def worker_inbox_pattern(user: str) -> str:

@@ -647,6 +647,15 @@ def peek_kind(data: bytes) -> str | None:
     return kind if isinstance(kind, str) else None
 
 
+def peek_worker_id(data: bytes) -> str | None:
+    """The ``worker_id`` of an encoded message from a worker (hello, heartbeat, goodbye, update,
+    evaluation report), read from its leading fields; None if it has none there (decode it
+    whole then: that says what is wrong)."""
+    found = _leading_fields(data, frozenset(("worker_id",)))
+    worker_id = found.get("worker_id") if found is not None else None
+    return worker_id if isinstance(worker_id, str) else None
+
+
 def decode_chunk(data: bytes) -> Chunk | None:
     """The :class:`Chunk` in ``data``, or None if ``data`` is some other (or no) message; only
     a chunk is decoded here, anything else is left for :func:`decode`."""

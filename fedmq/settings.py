@@ -149,6 +149,9 @@ class RunSettings:
     eval_data: str = setting("test", "what the aggregator scores each version on besides the workers' held-out rows "
                                      "(--eval-fraction): the data set's test split, or none (it holds no data)",
                              choices=("test", "none"))
+    require_worker_identity: bool = setting(False, "refuse (dead-letter) worker messages whose worker id does not "
+                                                   "start with the sending broker user and a dot (the AMQP user_id, "
+                                                   "which RabbitMQ checks)")
 
     @property
     def partition_count(self) -> int:
@@ -158,7 +161,7 @@ class RunSettings:
 
 @dataclass(frozen=True)
 class WorkerSettings:
-    worker_id: str = setting("", "this worker's identity (default: host name, process id and a random suffix)")
+    worker_id: str = setting("", "this worker's identity (default: the broker user, a dot, host name, process id and a random suffix)")
     partition: int = setting(-1, "train on this partition index instead of the one the aggregator assigns")
     device: str = setting("auto", "training device; auto picks CUDA when available", choices=("auto", "cpu", "cuda"))
     heartbeat_interval_s: float = setting(5.0, "seconds between heartbeats to the aggregator")

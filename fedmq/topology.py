@@ -47,6 +47,9 @@ INBOX_PREFIX = "fedmq.inbox."
 #: Headers set on a dead-lettered message.
 REASON_HEADER = "x-fedmq-reason"
 SOURCE_QUEUE_HEADER = "x-fedmq-source-queue"
+#: The broker user that sent a dead-lettered message (its AMQP user_id; the copy in the dead
+#: letters is published by whoever refused it).
+SENDER_USER_HEADER = "x-fedmq-sender-user"
 
 #: An inbox without a consumer for this long is deleted by the broker (ms): a worker killed
 #: without a goodbye stops costing a copy of every broadcast after a minute. A worker that

@@ -15,7 +15,7 @@ from fedmq.broker.base import Broker, Delivery
 from fedmq.chunking import MAX_FRAME_BYTES, ChunkAssembler, split_frames
 from fedmq.errors import BrokerError, BrokerUnavailable, InvalidMessage
 from fedmq.messages import Chunk, Message, decode, decode_chunk, encode
-from fedmq.topology import DEAD_LETTER_EXCHANGE, REASON_HEADER, SOURCE_QUEUE_HEADER
+from fedmq.topology import DEAD_LETTER_EXCHANGE, REASON_HEADER, SENDER_USER_HEADER, SOURCE_QUEUE_HEADER
 
 log = logging.getLogger(__name__)
 
@@ -164,6 +164,9 @@ class Transport:
             headers = dead_letter_headers(delivery.headers)
             headers[REASON_HEADER] = f"{reason}: {detail}"[:1000]
             headers[SOURCE_QUEUE_HEADER] = delivery.queue
+            headers.pop(SENDER_USER_HEADER, None)  # only the broker's word counts, not a sender's header
+            if delivery.user_id:
+                headers[SENDER_USER_HEADER] = delivery.user_id
             try:
                 self.broker.publish(DEAD_LETTER_EXCHANGE, delivery.queue, delivery.body,
                                     headers=headers, persistent=True, mandatory=False)

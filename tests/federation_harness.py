@@ -95,12 +95,13 @@ class ScriptedWorker:
                  interval_s: float = 0.3, max_frame_bytes: int = 256 * 1024, state: str = "ready",
                  beat_before_join: bool = True,
                  on_broadcast: Callable[["ScriptedWorker", m.ModelBroadcast], None] | None = None,
-                 on_request: Callable[["ScriptedWorker", m.EvaluationRequest], None] | None = None) -> None:
+                 on_request: Callable[["ScriptedWorker", m.EvaluationRequest], None] | None = None,
+                 user: str | None = None) -> None:
         self.worker_id, self.join, self.interval_s, self.on_broadcast = worker_id, join, interval_s, on_broadcast
         self.on_request = on_request
         self.requests: list[m.EvaluationRequest] = []
         self.state, self.beat_before_join = state, beat_before_join
-        self.broker = hub.connect()
+        self.broker = hub.connect(user=user)  # user: the broker user its messages carry
         self.broker.declare(STATIC_TOPOLOGY)
         self.broker.declare(inbox_topology(worker_id))
         self.transport = Transport(self.broker, max_frame_bytes=max_frame_bytes)

@@ -17,17 +17,18 @@ from pathlib import Path
 import pika
 import pika.exceptions as pex
 import pytest
+import torch
 
 from fedmq.broker.rabbitmq import RabbitBroker
 from fedmq.broker_users import declare_shared_topology, worker_permissions
 from fedmq.errors import AccessRefused
-from fedmq.messages import WorkerHello
+from fedmq.messages import WeightUpdate, WorkerHello
 from fedmq.topology import (BROADCAST_EXCHANGE, CONTROL_QUEUE, DEAD_LETTER_QUEUE, DEFAULT_EXCHANGE,
                             STATIC_TOPOLOGY, SUBMIT_EXCHANGE, UPDATES_QUEUE, BindingSpec, inbox_queue,
                             inbox_topology)
 from fedmq.transport import Transport
 
-from federation_processes import Federation
+from federation_processes import Federation, dead_letters
 from private_rabbitmq import PrivateRabbit, rabbitmq_installed
 
 pytestmark = pytest.mark.rabbitmq
@@ -160,12 +161,20 @@ def test_a_forged_user_id_is_refused_by_the_broker(node):
         connection.close()
 
 
-def test_a_federation_runs_with_the_aggregator_and_worker_users(node, tmp_path, data_root):
-    fed = Federation(tmp_path, data_root, url(node, "fedmq-aggregator", "aggregator-pw-1"), "perms-run",
+def test_a_federation_runs_with_the_aggregator_and_worker_users_and_refuses_forged_identities(
+        node, tmp_path, data_root):
+    aggregator_url = url(node, "fedmq-aggregator", "aggregator-pw-1")
+    fed = Federation(tmp_path, data_root, aggregator_url, "perms-run",
                      FEDMQ_VERSIONS=2, FEDMQ_START_WORKERS=2, FEDMQ_LOCAL_STEPS=30)
     site_a = ("--broker-url", url(node, "site-a", "site-a-pw-1"))
+    # Site b's user says hello and sends an update in the name of a worker of site a.
+    with connect(node, "site-b") as intruder:
+        transport = Transport(intruder)
+        transport.send(SUBMIT_EXCHANGE, CONTROL_QUEUE, WorkerHello("site-a.w7", -1, "cpu", 1.0))
+        transport.send(SUBMIT_EXCHANGE, UPDATES_QUEUE, WeightUpdate("perms-run", 0, "site-a.w7", -1, 100, 1.0, 0.1, 1,
+                                                                    {"w": torch.zeros(2)}))
     try:
-        fed.aggregator()
+        fed.aggregator("--require-worker-identity")
         fed.worker("site-a.w0", *site_a)
         fed.worker("site-b.w1", "--broker-url", url(node, "site-b", "site-b-pw-1"))
         assert fed.wait_aggregator(240) == 0, fed.log("aggregator")[-3000:]
@@ -177,6 +186,11 @@ def test_a_federation_runs_with_the_aggregator_and_worker_users(node, tmp_path, 
         assert "may not declare the shared topology" in fed.log("site-a.w0")
     finally:
         fed.close()
+    refused = sorted((h["x-fedmq-reason"], h["x-fedmq-source-queue"], h["x-fedmq-sender-user"])
+                     for _, h in dead_letters(aggregator_url))  # the aggregator's login reads them
+    assert refused == [
+        ("identity: worker id 'site-a.w7' does not belong to broker user 'site-b' (want site-b.<name>)", queue, "site-b")
+        for queue in (CONTROL_QUEUE, UPDATES_QUEUE)]
 
 
 def test_a_worker_whose_id_is_not_its_users_cannot_get_an_inbox(node, tmp_path):

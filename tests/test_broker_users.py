@@ -94,14 +94,14 @@ def test_the_aggregator_may_declare_consume_and_publish_what_it_does():
     agg = aggregator_permissions()
     for needed in declare_all(STATIC_TOPOLOGY) + [consume(UPDATES_QUEUE), consume(CONTROL_QUEUE),
                                                  publish(BROADCAST_EXCHANGE), publish(""),
-                                                 publish(DEAD_LETTER_EXCHANGE)]:
+                                                 publish(DEAD_LETTER_EXCHANGE), consume(DEAD_LETTER_QUEUE)]:
         assert allowed(agg, needed), needed
 
 
 def test_the_aggregator_may_not_touch_inboxes_or_publish_as_a_worker():
     agg = aggregator_permissions()
     for needed in [consume("fedmq.inbox.site-a.w1"), delete_queue("fedmq.inbox.site-a.w1"),
-                   publish(SUBMIT_EXCHANGE), consume(DEAD_LETTER_QUEUE)]:
+                   publish(SUBMIT_EXCHANGE)]:
         assert not allowed(agg, needed), needed
 
 
