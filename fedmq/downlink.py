@@ -38,9 +38,11 @@ KEYFRAME = -1  # the base_version of a frame that carries the whole model
 
 
 def model_digest(tensors: Mapping[str, torch.Tensor]) -> bytes:
-    """SHA-256 of the tensors' names, dtypes, shapes and bytes, in their order."""
+    """SHA-256 of the tensors' names, dtypes, shapes and bytes, in name order (the order a
+    mapping was built in, e.g. loaded from a file, does not matter)."""
     digest = hashlib.sha256()
-    for name, tensor in tensors.items():
+    for name in sorted(tensors):
+        tensor = tensors[name]
         cpu = tensor.detach().to("cpu").contiguous()
         digest.update(f"{name}|{cpu.dtype}|{tuple(cpu.shape)}|".encode())
         if cpu.numel():
@@ -51,6 +53,8 @@ def model_digest(tensors: Mapping[str, torch.Tensor]) -> bytes:
 def add(reference: Mapping[str, torch.Tensor], diff: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """reference + diff, tensor by tensor, on the CPU in the reference's dtype: the one
     arithmetic both ends of the loop use, so their results agree bit for bit."""
+    if set(diff) != set(reference):
+        raise KeyError(f"tensors {sorted(set(diff) ^ set(reference))[:5]} are in one of the two only")
     return {name: (value + diff[name].to(value.dtype)) for name, value in reference.items()}
 
 
@@ -97,6 +101,11 @@ class DownlinkEncoder:
             self.reference, self.reference_version, self.diff = dict(weights), version, None
             return
         current = {name: t.detach().to("cpu") for name, t in weights.items()}
+        if self.reference is not None and list(self.reference) != list(current):
+            if set(self.reference) != set(current):
+                self.reference = None  # another model's reference: start over with a keyframe
+            else:  # restored from a file in another order: frames follow the model's order
+                self.reference = {name: self.reference[name] for name in current}
         if self.reference is None or self.reference_version != version - 1:
             # No reference of the version before: the whole model, encoded with the codec (a
             # lossy keyframe, what everyone is sent); its decoded value is the new reference.

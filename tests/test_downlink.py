@@ -198,3 +198,30 @@ def test_only_the_selected_workers_receive_a_version(data_root, tmp_path):
 def model_of(name: str) -> dict[str, torch.Tensor]:
     from fedmq.task import build_model
     return build_model(name).state_dict()
+
+
+def test_a_restarted_aggregator_goes_on_from_the_reference_beside_its_checkpoint(tmp_path):
+    from aggregator.broadcasting import Broadcaster
+    from aggregator.rounds import OpenRound
+
+    def broadcaster():
+        return Broadcaster(transport=None, run_id="run", training=TRAINING, codec=parse_codec("int8"))
+
+    worker, before = Reconstruction(), broadcaster()
+    walk = list(random_walk(4))
+    for version, weights in walk[:2]:
+        before.open(OpenRound(version, None), weights)
+        assert worker.apply("run", wire(before.encoder.frame_for(version - 1)))[1] == ""
+    before.save_reference(tmp_path)  # with the checkpoint of version 2
+    after = broadcaster()
+    after.restore_reference(tmp_path, 2, ["w1"])
+    assert after.held == {"w1": 1}
+    after.open(OpenRound(2, None), walk[2][1])
+    frame = after.encoder.frame_for(after.held["w1"])
+    assert frame.base_version == 1  # a diff, not a keyframe
+    held, why = worker.apply("run", wire(frame))
+    assert why == "" and all(torch.equal(held[k], after.encoder.reference[k]) for k in held)
+    # a reference of another version is not used: keyframes for everyone instead
+    stale = broadcaster()
+    stale.restore_reference(tmp_path, 3, ["w1"])
+    assert stale.held == {} and stale.encoder.reference is None
