@@ -43,9 +43,11 @@ from fedmq.errors import InvalidMessage
 from fedmq.codecs import parse_codec
 from fedmq.event_log import log_event
 from fedmq.events import EventBus, RunFinished, UpdateRefused, VersionOpened
-from fedmq.messages import (EvaluationReport, EvaluationRequest, KeyframeRequest, RunComplete, TaskSpec,
+from fedmq.federation_state import FederationState
+from fedmq.messages import (EvaluationReport, EvaluationRequest, KeyframeRequest, RunComplete, StatusRequest, TaskSpec,
                             TrainingConfig, peek_kind)
 from fedmq.metrics_file import MetricsFile
+from fedmq.status import answer_status
 from fedmq.settings import DEFAULT_RUN_ID, Settings
 from fedmq.task import build_model, load_split
 from fedmq.task.evaluation import Evaluation, evaluate
@@ -101,7 +103,8 @@ class Aggregator:
             download=data.download)
         self.registry = WorkerRegistry(self.task.num_partitions, cfg.worker_timeout_s)
         self.store = CheckpointStore(Path(cfg.output_dir) / self.run_id)
-        self.events = EventBus(MetricsFile(self.store.metrics_path), log_event)
+        self.state = FederationState(self.run_id, cfg.versions, clock)  # what `fedmq status` is told
+        self.events = EventBus(MetricsFile(self.store.metrics_path), log_event, self.state)
         if events is not None:
             self.events.add(events.emit)
         self.lines = VersionLines(self.run_id, self.store, on_version, self.events)
@@ -411,6 +414,8 @@ class Aggregator:
             return
         if isinstance(message, KeyframeRequest):
             self._on_keyframe_request(message)
+        elif isinstance(message, StatusRequest):
+            answer_status(self.transport, message, self.state.snapshot())
         elif not self.membership.handle(message):
             self._dead_letter(raw.deliveries, "schema", f"a {message.KIND} message on the control queue")
             return

@@ -11,6 +11,7 @@ aggregator -> one inbox: :class:`JoinAccepted` (then the current :class:`ModelBr
 aggregator -> every inbox: :class:`ModelBroadcast`, :class:`EvaluationRequest` (the final model
 only), :class:`RunComplete`
 worker -> updates: :class:`EvaluationReport` (before its update of the same version), :class:`WeightUpdate`
+``fedmq status`` -> control: :class:`StatusRequest`; aggregator -> its reply queue: :class:`StatusReply`
 """
 
 from __future__ import annotations
@@ -124,6 +125,18 @@ class _Reader:
         value = self.raw[name]
         if not isinstance(value, dict):
             raise self._bad(name, "a map")
+        return value
+
+    def optional_bounded(self, name: str, *, low: float, high: float = math.inf) -> float | None:
+        """None (nil on the wire) or a finite number within [low, high]."""
+        return None if self.raw[name] is None else self.bounded(name, low=low, high=high)
+
+    def maps(self, name: str, *, most: int) -> list[Mapping[str, Any]]:
+        value = self.raw[name]
+        if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+            raise self._bad(name, "a list of maps")
+        if len(value) > most:
+            raise InvalidMessage("bounds", f"{self.kind}.{name} has {len(value)} entries, at most {most}")
         return value
 
     def bytes(self, name: str) -> bytes:
@@ -589,8 +602,100 @@ class Chunk:
         return chunk
 
 
+#: Every status reply queue's name starts so: an aggregator answers nowhere else, so a request
+#: cannot make it publish into fedmq's own queues.
+STATUS_REPLY_PREFIX = "fedmq.status."
+#: The most workers one status reply lists.
+MAX_STATUS_WORKERS = 10_000
+
+
+@dataclass(frozen=True)
+class StatusRequest:
+    """``fedmq status`` asks the aggregator (on the control queue) to answer on ``reply_to``,
+    a queue named :data:`STATUS_REPLY_PREFIX` + an id; ``sent_at`` is the asker's wall clock."""
+
+    KIND: ClassVar[str] = "status-request"
+    request_id: str
+    reply_to: str
+    sent_at: float
+
+    def fields(self) -> dict[str, Any]:
+        return _plain_fields(self)
+
+    @classmethod
+    def from_fields(cls, r: _Reader) -> "StatusRequest":
+        reply_to = r.ident("reply_to")
+        if not reply_to.startswith(STATUS_REPLY_PREFIX) or len(reply_to) == len(STATUS_REPLY_PREFIX):
+            raise InvalidMessage("schema", f"status-request.reply_to={reply_to[:40]!r}: want {STATUS_REPLY_PREFIX}<id>")
+        return cls(r.ident("request_id"), reply_to, r.float("sent_at"))
+
+
+@dataclass(frozen=True)
+class WorkerStatus:
+    """One live worker in a :class:`StatusReply` (see :class:`fedmq.federation_state.WorkerView`)."""
+
+    worker_id: str
+    state: str
+    device: str
+    partition: int
+    version: int
+    progress: float
+    samples_per_second: float
+    silent_s: float
+
+    @classmethod
+    def from_wire(cls, raw: Mapping[str, Any]) -> "WorkerStatus":
+        r = _Reader("status.worker", raw, tuple(f.name for f in dataclasses.fields(cls)))
+        return cls(r.ident("worker_id"), r.str("state")[:32], r.str("device")[:64], r.int("partition", minimum=-1),
+                   r.int("version", minimum=-1), r.bounded("progress", low=0.0, high=1.0),
+                   r.bounded("samples_per_second", low=0.0), r.bounded("silent_s", low=0.0))
+
+
+@dataclass(frozen=True)
+class StatusReply:
+    """The aggregator's answer to :class:`StatusRequest` ``request_id``: run ``run_id`` has made
+    ``version`` of ``versions``; ``open_version`` (-1: none) has ``folded`` of ``expected``
+    updates after ``elapsed_s`` seconds, about ``estimate_s`` more (-1: unknown); the newest
+    version's ``test_accuracy`` / ``test_loss`` / ``federated_accuracy`` (None: not measured);
+    ``dead_letters`` so far; the live ``workers``."""
+
+    KIND: ClassVar[str] = "status-reply"
+    request_id: str
+    run_id: str
+    version: int
+    versions: int
+    open_version: int
+    expected: int
+    folded: int
+    elapsed_s: float
+    estimate_s: float
+    test_accuracy: float | None
+    test_loss: float | None
+    federated_accuracy: float | None
+    dead_letters: int
+    finished: bool
+    workers: tuple[WorkerStatus, ...]
+
+    def fields(self) -> dict[str, Any]:
+        out = _plain_fields(self)
+        out["workers"] = [_plain_fields(w) for w in self.workers]
+        return out
+
+    @classmethod
+    def from_fields(cls, r: _Reader) -> "StatusReply":
+        workers = tuple(WorkerStatus.from_wire(w) for w in r.maps("workers", most=MAX_STATUS_WORKERS))
+        if len({w.worker_id for w in workers}) != len(workers):
+            raise InvalidMessage("schema", "status-reply.workers lists a worker twice")
+        return cls(r.ident("request_id"), r.ident("run_id"), r.int("version", minimum=0), r.int("versions", minimum=0),
+                   r.int("open_version", minimum=-1), r.int("expected", minimum=0), r.int("folded", minimum=0),
+                   r.bounded("elapsed_s", low=0.0), r.bounded("estimate_s", low=-1.0),
+                   r.optional_bounded("test_accuracy", low=0.0, high=1.0), r.optional_bounded("test_loss", low=0.0),
+                   r.optional_bounded("federated_accuracy", low=0.0, high=1.0), r.int("dead_letters", minimum=0),
+                   r.bool("finished"), workers)
+
+
 Message = Union[WorkerHello, Heartbeat, WorkerGoodbye, JoinAccepted, ModelBroadcast, RunComplete, WeightUpdate,
-                EvaluationRequest, EvaluationReport, Chunk, KeyframeRequest]
+                EvaluationRequest, EvaluationReport, Chunk, KeyframeRequest, StatusRequest, StatusReply]
 _KINDS: dict[str, Any] = {cls.KIND: cls for cls in Message.__args__}  # type: ignore[attr-defined]
 
 

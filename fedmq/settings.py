@@ -192,6 +192,11 @@ class OpsSettings:
 
 
 @dataclass(frozen=True)
+class StatusSettings:
+    status_timeout_s: float = setting(5.0, "fedmq status: seconds to wait for the aggregator's answer")
+
+
+@dataclass(frozen=True)
 class EmbeddedSettings:
     workers: int = setting(4, "workers in the embedded federation")
 
@@ -204,11 +209,13 @@ class Settings:
     worker: WorkerSettings = field(default_factory=WorkerSettings)
     embedded: EmbeddedSettings = field(default_factory=EmbeddedSettings)
     ops: OpsSettings = field(default_factory=OpsSettings)
+    status: StatusSettings = field(default_factory=StatusSettings)
     log_level: str = "INFO"
 
 
 GROUPS: dict[str, type] = {"broker": BrokerSettings, "data": DataSettings, "run": RunSettings,
-                           "worker": WorkerSettings, "embedded": EmbeddedSettings, "ops": OpsSettings}
+                           "worker": WorkerSettings, "embedded": EmbeddedSettings, "ops": OpsSettings,
+                           "status": StatusSettings}
 
 
 def add_group(parser: argparse.ArgumentParser, group: str) -> None:
@@ -259,7 +266,7 @@ def settings_from_args(args: argparse.Namespace, environ: Mapping[str, str] | No
     environ = os.environ if environ is None else environ
     groups = {name: _group_from(cls, args, environ) for name, cls in GROUPS.items()}
     # The embedded mode prints its own line per version; the services log every event.
-    default_level = "WARNING" if getattr(args, "command", None) == "run" else "INFO"
+    default_level = "WARNING" if getattr(args, "command", None) in ("run", "status", "report") else "INFO"
     log_level = getattr(args, "log_level", None) or environ.get(env_name("log_level"), default_level)
     settings = Settings(**groups, log_level=log_level.upper())
     validate(settings)
@@ -341,6 +348,7 @@ def validate(s: Settings) -> None:
     _require(w.training_slots >= 0, "training_slots", "must be >= 0")
     _require(0.0 <= w.eval_fraction < 1.0, "eval_fraction", "must be within [0, 1)")
     _require(0 <= s.ops.metrics_port <= 65535, "metrics_port", "must be a TCP port (0: off)")
+    _require(s.status.status_timeout_s > 0, "status_timeout_s", "must be > 0")
     for name, value in (("worker_id", w.worker_id), ("run_id", r.run_id)):
         # The same rule the wire enforces (fedmq.messages.check_identifier): at most 128 ASCII
         # letters, digits, - _ . so every queue name and routing key built from it fits AMQP.

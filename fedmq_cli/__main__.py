@@ -1,4 +1,4 @@
-"""``fedmq aggregator | worker | run``: every setting a flag and a ``FEDMQ_*`` variable."""
+"""``fedmq aggregator | worker | run | status | report``: every setting a flag and a ``FEDMQ_*`` variable."""
 
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ COMMANDS = {
             ("data", "run", "worker", "embedded", "ops")),
     "aggregator": ("serve the aggregator of one federation over RabbitMQ", ("broker", "data", "run", "ops")),
     "worker": ("serve one worker over RabbitMQ", ("broker", "data", "worker", "ops")),
+    "status": ("ask the running aggregator for its run, open version and live workers", ("broker", "status")),
+    "report": ("plot the metrics of finished (or running) runs into a PNG and a markdown summary", ()),
 }
 
 
@@ -31,6 +33,12 @@ def build_parser() -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text, description=help_text, allow_abbrev=False)
         for group in groups:
             add_group(sub, group)
+        if name == "status":
+            sub.add_argument("--json", action="store_true", help="print the answer as one JSON object")
+        if name == "report":
+            from fedmq_cli.report import add_report_arguments
+
+            add_report_arguments(sub)
     return parser
 
 
@@ -156,6 +164,18 @@ def _run_embedded(settings: Settings) -> int:
     return 0
 
 
+def _status(settings: Settings, args: argparse.Namespace) -> int:
+    from fedmq_cli.status import run_status
+
+    return run_status(settings, as_json=args.json)
+
+
+def _report(args: argparse.Namespace) -> int:
+    from fedmq_cli.report import run_report
+
+    return run_report(args)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -166,8 +186,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command in ("aggregator", "worker"):
         # Until the service is up and can stop cleanly, a stop signal just ends the process.
         _stop_on_signals(_exit_now)
-    _configure(args.command, settings)
-    handlers = {"aggregator": _serve_aggregator, "worker": _serve_worker, "run": _run_embedded}
+    if args.command in ("status", "report"):  # no torch: these answer in a moment
+        from fedmq.log_format import configure_logging
+
+        configure_logging(settings.log_level, settings.ops.log_format)
+        logging.getLogger("pika").setLevel(logging.WARNING)
+    else:
+        _configure(args.command, settings)
+    handlers = {"aggregator": _serve_aggregator, "worker": _serve_worker, "run": _run_embedded,
+                "status": lambda s: _status(s, args), "report": lambda s: _report(args)}
     try:
         return handlers[args.command](settings)
     except FedmqError as exc:

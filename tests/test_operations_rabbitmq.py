@@ -1,20 +1,26 @@
-"""Prometheus metrics scraped over HTTP from a federation of processes on the real RabbitMQ.
+"""Operating a federation of processes on the real RabbitMQ: Prometheus metrics and `fedmq status`.
 
 The aggregator and a worker serve ``/metrics`` (``--metrics-port``); prometheus-client's own
 parser reads what a real HTTP client fetched during the run, and the numbers agree with the
-``metrics.jsonl`` lines written by then.
+``metrics.jsonl`` lines written by then. ``fedmq status`` (a process of its own) lists the live
+workers of the running aggregator, and with no aggregator says so and exits non-zero.
 """
 
 from __future__ import annotations
 
+import io
+import json
+import os
 import socket
+import subprocess
+import sys
 import time
 import urllib.request
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from federation_processes import Federation, purge_fedmq_queues
+from federation_processes import REPO, Federation, purge_fedmq_queues
 
 pytestmark = pytest.mark.rabbitmq
 
@@ -29,6 +35,23 @@ def publish_raw(url: str, queue: str, body: bytes) -> None:
         channel.basic_publish("", queue, body, pika.BasicProperties(delivery_mode=2))
     finally:
         connection.close()
+
+
+def fedmq_status(url: str, *flags: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, FEDMQ_BROKER_URL=url)
+    return subprocess.run([sys.executable, "-m", "fedmq_cli", "status", *flags], cwd=REPO, env=env,
+                           capture_output=True, text=True, timeout=120)
+
+
+def status_command(url: str, out: io.StringIO, *flags: str) -> int:
+    """``fedmq status [flags]`` as its command line parses it, run in this process."""
+    from fedmq.settings import settings_from_args
+    from fedmq_cli.__main__ import build_parser
+    from fedmq_cli.status import run_status
+
+    args = build_parser().parse_args(["status", "--status-timeout-s", "30", *flags])
+    settings = settings_from_args(args, {"FEDMQ_BROKER_URL": url})
+    return run_status(settings, as_json=args.json, out=out)
 
 
 def free_port() -> int:
@@ -84,6 +107,11 @@ def test_scraped_metrics_parse_and_agree_with_the_metrics_file(tmp_path, data_ro
         fed.worker("w1")
         samples, records = consistent_snapshot(fed, aggregator_port, min_version=2, timeout_s=240)
         worker = scrape(worker_port)
+        # In this process: a `fedmq status` process would spend seconds importing torch on the
+        # busy cores, and the run could be over before it asks.
+        status, table = io.StringIO(), io.StringIO()
+        assert status_command(rabbitmq_url, status, "--json") == 0
+        assert status_command(rabbitmq_url, table) == 0
 
         assert value(samples, "fedmq_model_version") == records[-1]["version"]
         assert value(samples, "fedmq_versions_total") == len(records)
@@ -109,7 +137,21 @@ def test_scraped_metrics_parse_and_agree_with_the_metrics_file(tmp_path, data_ro
         assert value(worker, "fedmq_worker_samples_per_second") > 0
         assert value(worker, "fedmq_worker_update_bytes_total") > 0
 
+        answer = json.loads(status.getvalue())
+        assert answer["run_id"] == fed.run_id and answer["versions"] == 3 and answer["version"] >= 2
+        assert sorted(w["worker_id"] for w in answer["workers"]) == ["w0", "w1"]
+        assert all(w["device"] == "cpu" and w["partition"] in (0, 1) for w in answer["workers"])
+        assert answer["test_accuracy"] >= 0.9
+        assert "2 live workers" in table.getvalue() and "w0" in table.getvalue(), table.getvalue()
+
         assert fed.wait_aggregator(240) == 0, fed.log("aggregator")[-3000:]
         assert [r["version"] for r in fed.records()] == [1, 2, 3]
     finally:
         fed.close()
+
+
+def test_status_without_an_aggregator_exits_non_zero_with_a_clear_message(rabbitmq_url):
+    purge_fedmq_queues(rabbitmq_url)
+    done = fedmq_status(rabbitmq_url, "--status-timeout-s", "2")
+    assert done.returncode == 1 and done.stdout == ""
+    assert "no aggregator answered within 2 s" in done.stderr and "guest:***@" in done.stderr, done.stderr
