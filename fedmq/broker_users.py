@@ -33,7 +33,7 @@ from typing import Any, Mapping
 
 from fedmq.errors import AccessRefused
 from fedmq.topology import (BROADCAST_EXCHANGE, CONTROL_QUEUE, DEAD_LETTER_EXCHANGE, DEAD_LETTER_QUEUE, INBOX_PREFIX,
-                            STATIC_TOPOLOGY, SUBMIT_EXCHANGE, UPDATES_QUEUE, Topology)
+                            STATIC_TOPOLOGY, STATUS_REPLY_PREFIX, SUBMIT_EXCHANGE, UPDATES_QUEUE, Topology)
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,8 @@ def _shared_names(topology: Topology) -> tuple[str, ...]:
 def aggregator_permissions(topology: Topology = STATIC_TOPOLOGY) -> Permissions:
     """The aggregator's: the shared topology, the two queues it consumes, the exchanges it
     publishes to. No inbox: it sends to one through the default exchange and never declares,
-    reads or deletes one."""
+    reads or deletes one. ``fedmq status`` run with the aggregator's login declares, reads and
+    deletes a reply queue of its own (``fedmq.status.<id>``)."""
     queues = tuple(q.name for q in topology.queues)
     sources = tuple(dict.fromkeys(b.exchange for b in topology.bindings))
     dead_lettering = tuple(q.name for q in topology.queues if q.argument("x-dead-letter-exchange"))
@@ -90,10 +91,12 @@ def aggregator_permissions(topology: Topology = STATIC_TOPOLOGY) -> Permissions:
     # declaring a queue with a dead-letter exchange (write on that exchange).
     # read: consuming, binding (the source exchange), and declaring a dead-lettering queue; the
     # dead letters too, so that an operator can inspect them with the aggregator's login.
+    status = _literal(STATUS_REPLY_PREFIX) + ".+"
     return Permissions(
-        configure=_one_of(*_shared_names(topology)),
+        configure=_one_of(*_shared_names(topology))[:-2] + f"|{status})$",
         write=_one_of(DEFAULT_EXCHANGE_RESOURCE, BROADCAST_EXCHANGE, DEAD_LETTER_EXCHANGE, *queues),
-        read=_one_of(*dict.fromkeys((*sources, UPDATES_QUEUE, CONTROL_QUEUE, *dead_lettering, DEAD_LETTER_QUEUE))))
+        read=_one_of(*dict.fromkeys((*sources, UPDATES_QUEUE, CONTROL_QUEUE, *dead_lettering, DEAD_LETTER_QUEUE)))[:-2]
+        + f"|{status})$")
 
 
 def worker_inbox_pattern(user: str) -> str:

@@ -29,6 +29,7 @@ from fedmq.codecs import parse_codec
 from fedmq.errors import InvalidMessage
 from fedmq.task.datasets import DATASETS
 from fedmq.task.partitions import SCHEMES
+from fedmq.topology import STATUS_REPLY_PREFIX
 from fedmq.tensor_codec import check_finite, decode_tensors, encode_tensors
 
 SCHEMA_VERSION = 1
@@ -602,9 +603,6 @@ class Chunk:
         return chunk
 
 
-#: Every status reply queue's name starts so: an aggregator answers nowhere else, so a request
-#: cannot make it publish into fedmq's own queues.
-STATUS_REPLY_PREFIX = "fedmq.status."
 #: The most workers one status reply lists.
 MAX_STATUS_WORKERS = 10_000
 

@@ -15,10 +15,11 @@ import time
 import uuid
 
 from fedmq.broker.base import Broker, Delivery
+from fedmq.broker_users import declare_shared_topology
 from fedmq.errors import InvalidMessage, Unroutable
 from fedmq.federation_state import FederationSnapshot
 from fedmq.messages import STATUS_REPLY_PREFIX, StatusReply, StatusRequest, WorkerStatus
-from fedmq.topology import CONTROL_QUEUE, DEFAULT_EXCHANGE, STATIC_TOPOLOGY, QueueSpec
+from fedmq.topology import CONTROL_QUEUE, DEFAULT_EXCHANGE, QueueSpec
 from fedmq.transport import Transport
 
 log = logging.getLogger(__name__)
@@ -61,7 +62,7 @@ def ask_status(broker: Broker, timeout_s: float) -> StatusReply | None:
     transport = Transport(broker)
     request_id = uuid.uuid4().hex
     reply_queue = STATUS_REPLY_PREFIX + request_id
-    broker.declare(STATIC_TOPOLOGY)
+    declare_shared_topology(broker, "fedmq status")
     broker.declare_queue(QueueSpec(reply_queue, durable=False, arguments=(("x-expires", REPLY_QUEUE_EXPIRES_MS),)))
     answers: list[StatusReply] = []
 

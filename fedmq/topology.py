@@ -43,6 +43,9 @@ UPDATES_QUEUE = "fedmq.updates"
 CONTROL_QUEUE = "fedmq.control"
 DEAD_LETTER_QUEUE = "fedmq.dead-letters"
 INBOX_PREFIX = "fedmq.inbox."
+#: Every ``fedmq status`` reply queue's name starts so (then an id): an aggregator answers
+#: nowhere else, so a status request cannot make it publish into fedmq's own queues.
+STATUS_REPLY_PREFIX = "fedmq.status."
 
 #: Headers set on a dead-lettered message.
 REASON_HEADER = "x-fedmq-reason"
