@@ -77,6 +77,8 @@ class FederationState:
 
     def __call__(self, event: Event) -> None:
         with self._lock:
+            if not self.run_id:  # the embedded mode names its run once it starts
+                self.run_id = getattr(event, "run_id", "")
             self._apply(event)
 
     def _apply(self, event: Event) -> None:  # noqa: C901 - one branch per event kind

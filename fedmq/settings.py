@@ -189,6 +189,8 @@ class OpsSettings:
     metrics_port: int = setting(0, "serve Prometheus metrics at http://0.0.0.0:PORT/metrics (0: not served)")
     log_format: str = setting("plain", "log lines as plain text, or one JSON object per line",
                               choices=("plain", "json"))
+    live_view: str = setting("auto", "a live view of the run (rich) in the terminal: auto shows it when stdout "
+                                     "is a terminal, else prints plain lines", choices=("auto", "on", "off"))
 
 
 @dataclass(frozen=True)

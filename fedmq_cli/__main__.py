@@ -105,6 +105,16 @@ def _metrics_sink(settings: Settings, kind: str, events, servers: list):  # noqa
     servers.append(serve_metrics(metrics.registry, settings.ops.metrics_port))
 
 
+def _federation_view(settings: Settings, events):  # noqa: ANN001, ANN202 - imported late
+    """The live view of the federation (or plain version lines), fed by ``events``."""
+    from fedmq.federation_state import FederationState
+    from fedmq.live_view import console_view, render_federation
+
+    state = FederationState(settings.run.run_id, settings.run.versions)
+    events.add(state)
+    return console_view(settings.ops.live_view, lambda: render_federation(state.snapshot()), sys.stdout)
+
+
 def _serve_aggregator(settings: Settings) -> int:
     from aggregator.service import Aggregator
     from fedmq.broker.rabbitmq import RabbitBroker
@@ -115,8 +125,8 @@ def _serve_aggregator(settings: Settings) -> int:
                           max_message_bytes=settings.broker.max_frame_bytes, tls=_tls_files(settings))
     events, servers = EventBus(), []
     _metrics_sink(settings, "aggregator", events, servers)
-    with broker:
-        aggregator = Aggregator(settings, broker, on_version=lambda r: print(r.console_line(), flush=True),
+    with broker, _federation_view(settings, events) as view:
+        aggregator = Aggregator(settings, broker, on_version=lambda r: view.print_line(r.console_line()),
                                 events=events)
         _stop_on_signals(aggregator.stop)
         result = aggregator.run()
@@ -131,7 +141,9 @@ def _serve_aggregator(settings: Settings) -> int:
 def _serve_worker(settings: Settings) -> int:
     from fedmq.broker.rabbitmq import RabbitBroker
     from fedmq.events import EventBus
+    from fedmq.live_view import console_view
     from worker.service import Worker
+    from worker.worker_view import WorkerViewState
 
     broker = RabbitBroker(settings.broker.broker_url, connection_name="fedmq-worker",
                           heartbeat_s=settings.broker.broker_heartbeat_s,
@@ -143,7 +155,10 @@ def _serve_worker(settings: Settings) -> int:
         # A stopped worker says goodbye, so the quorum stops counting on it at once instead of
         # after the heartbeat timeout.
         _stop_on_signals(worker.stop)
-        worker.run()
+        view = WorkerViewState(worker.worker_id)
+        events.add(view)
+        with console_view(settings.ops.live_view, lambda: view.render(worker.progress.snapshot()), sys.stdout):
+            worker.run()
     if worker.failure:
         print(f"fedmq worker {worker.worker_id}: {worker.failure}", file=sys.stderr, flush=True)
         return 1
@@ -159,7 +174,8 @@ def _run_embedded(settings: Settings) -> int:
 
     events, servers = EventBus(), []
     _metrics_sink(settings, "aggregator", events, servers)
-    result = run_embedded(settings, on_version=lambda r: print(r.console_line(), flush=True), events=events)
+    with _federation_view(settings, events) as view:
+        result = run_embedded(settings, on_version=lambda r: view.print_line(r.console_line()), events=events)
     print(_summary(result), flush=True)
     return 0
 
