@@ -33,7 +33,8 @@ from typing import Any, Mapping
 
 from fedmq.errors import AccessRefused
 from fedmq.topology import (BROADCAST_EXCHANGE, CONTROL_QUEUE, DEAD_LETTER_EXCHANGE, DEAD_LETTER_QUEUE, INBOX_PREFIX,
-                            STATIC_TOPOLOGY, STATUS_REPLY_PREFIX, SUBMIT_EXCHANGE, UPDATES_QUEUE, Topology)
+                            STATUS_REPLY_PREFIX, STATIC_TOPOLOGY, SUBMIT_EXCHANGE, UPDATES_QUEUE, Topology,
+                            inbox_topology)
 
 log = logging.getLogger(__name__)
 
@@ -189,3 +190,13 @@ def declare_shared_topology(broker: Any, who: str) -> bool:
         log.info("%s: may not declare the shared topology (%s); using the broker's", who, exc)
         return False
     return True
+
+
+def declare_inbox(broker: Any, worker_id: str) -> None:
+    """Declare ``worker_id``'s inbox and bind it to the broadcasts; a refusal (403) says what
+    the worker id must look like for the broker user."""
+    try:
+        broker.declare(inbox_topology(worker_id))
+    except AccessRefused as exc:
+        raise AccessRefused(f"{exc} (a worker's id must start with its broker user and a dot, "
+                            f"'{broker.user}.<name>': leave --worker-id empty or name it so)") from None

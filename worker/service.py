@@ -34,8 +34,8 @@ from fedmq.settings import Settings
 from fedmq.task import BUILTIN_MODELS, build_model
 from fedmq.task.evaluation import evaluate
 from fedmq.tensor_codec import element_count, encoded_size_bound
-from fedmq.broker_users import declare_shared_topology
-from fedmq.topology import CONTROL_QUEUE, SUBMIT_EXCHANGE, UPDATES_QUEUE, inbox_queue, inbox_topology
+from fedmq.broker_users import declare_inbox, declare_shared_topology
+from fedmq.topology import CONTROL_QUEUE, SUBMIT_EXCHANGE, UPDATES_QUEUE, inbox_queue
 from fedmq.transport import Transport
 from fedmq.codecs import parse_codec
 from fedmq.downlink import KEYFRAME, Frame, Reconstruction
@@ -127,7 +127,7 @@ class Worker:
         """Serve until the run completes (with ``exit_when_done``) or :meth:`stop`; returns the
         number of updates sent."""
         declare_shared_topology(self.broker, f"worker {self.worker_id}")
-        self.broker.declare(inbox_topology(self.worker_id))
+        declare_inbox(self.broker, self.worker_id)
         # Each inbox message is acknowledged as soon as it is read (before any training), so an
         # unlimited prefetch cannot deadlock chunk reassembly or trip the consumer timeout.
         self.broker.subscribe(inbox_queue(self.worker_id).name, self._on_inbox, prefetch=0)
