@@ -128,8 +128,10 @@ class DownlinkEncoder:
     def frame_for(self, held_version: int | None) -> Frame:
         """The frame for a worker that holds the reconstruction of ``held_version`` (None:
         unknown or nothing): the version's frame when the worker can use it (it holds its base,
-        or the frame is a whole model), an exact keyframe of the reference otherwise."""
-        if self.diff is not None and (self.diff.is_keyframe or held_version == self.diff.base_version):
+        or the version itself, as on a re-broadcast, or the frame is a whole model), an exact
+        keyframe of the reference otherwise."""
+        diff = self.diff
+        if diff is not None and (diff.is_keyframe or held_version in (diff.base_version, diff.version)):
             return self.diff
         return self.keyframe()
 

@@ -92,6 +92,17 @@ def test_a_late_joiner_gets_a_keyframe_and_then_follows_the_diffs():
     assert all(torch.equal(late.weights[k], early.weights[k]) for k in early.weights)
 
 
+def test_a_re_broadcast_to_a_worker_that_holds_the_version_costs_a_diff_not_a_keyframe():
+    encoder, worker = DownlinkEncoder(parse_codec("int8")), Reconstruction()
+    for version, weights in random_walk(3):
+        encoder.advance(version, weights)
+        worker.apply("run", wire(encoder.frame_for(version - 1)))
+    again = encoder.frame_for(2)  # the worker was sent version 2 already
+    assert again.base_version == 1
+    held, why = worker.apply("run", wire(again))
+    assert why == "" and held is worker.weights
+
+
 def test_a_diff_for_a_model_the_worker_lacks_is_refused():
     encoder, worker = DownlinkEncoder(parse_codec("int8")), Reconstruction()
     walk = random_walk(3)
