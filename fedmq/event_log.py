@@ -8,10 +8,9 @@ sink adds the typed stream underneath, each record carrying its event (``record.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 
-from fedmq.events import Event, event_name
+from fedmq.events import Event, event_fields, event_name
 
 log = logging.getLogger("fedmq.events")
 
@@ -20,5 +19,5 @@ def log_event(event: Event) -> None:
     """The event as one DEBUG line: its name and fields."""
     if not log.isEnabledFor(logging.DEBUG):
         return
-    fields = " ".join(f"{f.name}={getattr(event, f.name)!r}" for f in dataclasses.fields(event))
+    fields = " ".join(f"{name}={value!r}" for name, value in event_fields(event).items())
     log.debug("%s %s", event_name(event), fields, extra={"event": event})

@@ -194,6 +194,13 @@ Event = Union[VersionOpened, UpdateFolded, UpdateRefused, WorkerJoined, WorkerLe
 Sink = Callable[[Event], None]
 
 
+def event_fields(event: Event) -> dict[str, Any]:
+    """An event's fields by name (a version's line in full, the fields it does not name too)."""
+    if isinstance(event, VersionClosed):
+        return event.line()
+    return {f.name: getattr(event, f.name) for f in dataclasses.fields(event)}
+
+
 def event_name(event: Event) -> str:
     """``version-closed`` for :class:`VersionClosed`: the name logs and JSON use."""
     name = type(event).__name__

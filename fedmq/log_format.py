@@ -14,7 +14,7 @@ import math
 import sys
 from datetime import datetime, timezone
 
-from fedmq.events import event_name
+from fedmq.events import event_fields, event_name
 
 PLAIN_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -32,8 +32,8 @@ class JsonLogFormatter(logging.Formatter):
         event = getattr(record, "event", None)
         if event is not None and dataclasses.is_dataclass(event):
             out["event"] = event_name(event)
-            for f in dataclasses.fields(event):
-                out.setdefault(f.name, _json_value(getattr(event, f.name)))
+            for name, value in event_fields(event).items():
+                out.setdefault(name, _json_value(value))
         if record.exc_info:
             out["exception"] = self.formatException(record.exc_info)
         return json.dumps(out, default=str)

@@ -90,6 +90,14 @@ def test_json_log_lines_carry_the_event_fields(caplog):
     line = json.loads(JsonLogFormatter().format(record))
     assert line["event"] == "update-refused" and line["reason"] == "stale" and line["worker_id"] == "w1"
     assert line["level"] == "DEBUG" and "stale" in line["message"] and line["time"].endswith("+00:00")
+    closed = VersionClosed.from_line(dict(run_id="r", version=1, participants=2, expected=2, test_accuracy=0.9,
+                                          test_loss=0.3, train_loss=0.4, bytes_up=10, bytes_down=20, seconds=4.0,
+                                          live_workers=2, stale=0, duplicates=0, dead_lettered=0, rebroadcasts=0,
+                                          bytes_up_ratio=0.25))
+    caplog.clear()
+    log_event(closed)
+    line = json.loads(JsonLogFormatter().format(caplog.records[-1]))
+    assert line["event"] == "version-closed" and line["bytes_up_ratio"] == 0.25 and "extra" not in line
     plain = logging.LogRecord("x", logging.INFO, __file__, 1, "hello %s", ("there",), None)
     assert json.loads(JsonLogFormatter().format(plain))["message"] == "hello there"
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import logging
 
+import pytest
 from rich.console import Console
 
 from fedmq.events import EventBus, TrainingFinished, UpdateSent, VersionClosed, VersionOpened, WorkerProgress
@@ -16,6 +18,16 @@ from fedmq_cli.embedded import run_embedded
 from test_embedded import embedded_settings
 from worker.training_progress import ProgressSnapshot
 from worker.worker_view import WorkerViewState
+
+
+@pytest.fixture(autouse=True)
+def restore_logging():
+    """``main`` configures the root logger for a process; put back pytest's afterwards."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 def text_of(renderable, width: int = 160) -> str:

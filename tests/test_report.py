@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import struct
 from pathlib import Path
 
@@ -12,6 +13,16 @@ from fedmq_cli.__main__ import main
 from fedmq_cli.embedded import run_embedded
 from fedmq_cli.report import FIGURE_DPI, FIGURE_INCHES, build_figure, load_runs
 from test_embedded import embedded_settings
+
+
+@pytest.fixture(autouse=True)
+def restore_logging():
+    """``main`` configures the root logger for a process; put back pytest's afterwards."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 def png_size(path: Path) -> tuple[int, int]:
