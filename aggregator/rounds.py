@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Hashable
 
 from aggregator.pipeline import Combiner
 from fedmq.broker.base import Delivery
@@ -31,8 +31,13 @@ class OpenRound:
     broadcast: bytes | None = None  # the encoded ModelBroadcast, re-sent to joiners
     attempt: int = 0  # of the current broadcast (see ModelBroadcast)
     awaited: tuple[str, ...] = ()  # of the current broadcast (see ModelBroadcast)
-    folded: set[str] = field(default_factory=set)
-    held: dict[str, tuple[Delivery, ...]] = field(default_factory=dict)  # worker -> its update's newest copy
+    folded: set[str] = field(default_factory=set)  # workers with an update folded
+    #: (run id, base version, worker) of every folded update: in async mode one worker may have
+    #: updates of several base versions in one version.
+    folded_keys: set[tuple[str, int, str]] = field(default_factory=set)
+    held: dict[Hashable, tuple[Delivery, ...]] = field(default_factory=dict)  # update key -> its newest copy
+    staleness: list[int] = field(default_factory=list)  # of each folded update, in versions
+    too_stale: int = 0  # updates dropped as older than --max-staleness (async mode)
     weighted_train_loss: float = 0.0  # sum of train_loss * num_samples over the folded updates
     train_samples: int = 0
     bytes_up: int = 0
@@ -49,13 +54,13 @@ class OpenRound:
         """True once the version has been broadcast by this aggregator."""
         return self.broadcast is not None
 
-    def hold(self, worker_id: str, deliveries: tuple[Delivery, ...]) -> tuple[Delivery, ...]:
+    def hold(self, key: Hashable, deliveries: tuple[Delivery, ...]) -> tuple[Delivery, ...]:
         """Keep what acknowledging these deliveries needs (not their bodies) until the checkpoint;
         returns the deliveries of an older copy of the same update, which the caller acknowledges
         now: one unacknowledged copy in the broker is enough to lose nothing, and after a
         reconnection the older tags are void anyway (acking them does nothing)."""
-        older = self.held.get(worker_id, ())
-        self.held[worker_id] = tuple(dataclasses.replace(d, body=b"") for d in deliveries)
+        older = self.held.get(key, ())
+        self.held[key] = tuple(dataclasses.replace(d, body=b"") for d in deliveries)
         return older
 
     def held_deliveries(self) -> list[Delivery]:
@@ -97,6 +102,13 @@ class VersionRecord:
     #: model's size per message): 1.0 with fp32, about 0.25 with int8; None when none was sent.
     bytes_up_ratio: float | None = None
     bytes_down_ratio: float | None = None
+    mode: str = "sync"  # --mode
+    server_optimizer: str = "fedavg"  # --server-optimizer
+    #: Staleness (versions since an update's base version) of the updates folded into this version.
+    staleness_min: int | None = None
+    staleness_mean: float | None = None
+    staleness_max: int | None = None
+    too_stale: int = 0  # updates acknowledged and not folded: older than --max-staleness
 
     @property
     def accuracy(self) -> float | None:
@@ -117,7 +129,22 @@ class VersionRecord:
         return (f"version {self.version:3d}  participants {self.participants:3d}/{self.expected:<3d} {test}  "
                 f"up {self.bytes_up / 1e6:8.2f} MB{_ratio(self.bytes_up_ratio)}  "
                 f"down {self.bytes_down / 1e6:8.2f} MB{_ratio(self.bytes_down_ratio)}  {self.seconds:6.1f} s"
-                f"{federated}{privacy}")
+                f"{federated}{privacy}{self._asynchronous()}")
+
+    def _asynchronous(self) -> str:
+        if self.mode != "async":
+            return ""
+        spread = "" if self.staleness_mean is None else (
+            f"  staleness {self.staleness_min}/{self.staleness_mean:.1f}/{self.staleness_max}")
+        return spread + (f"  {self.too_stale} too stale" if self.too_stale else "")
+
+
+def staleness_notes(staleness: list[int], too_stale: int) -> dict[str, Any]:
+    """The staleness fields of :class:`VersionRecord` for the staleness of its folded updates."""
+    if not staleness:
+        return {"too_stale": too_stale}
+    return {"staleness_min": min(staleness), "staleness_mean": sum(staleness) / len(staleness),
+            "staleness_max": max(staleness), "too_stale": too_stale}
 
 
 def _ratio(value: float | None) -> str:

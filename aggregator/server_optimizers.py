@@ -19,6 +19,7 @@ have no gradient meaning: they move by the rounded mean delta, as in FedAvg, and
 
 from __future__ import annotations
 
+import hashlib
 from typing import Mapping
 
 import torch
@@ -147,3 +148,13 @@ def build_server_optimizer(name: str, *, lr: float = 0.0, momentum: float = 0.9,
     if name == "fedavgm":
         return MomentumStep(lr, momentum)
     return AdaptiveStep(lr, beta1, beta2, epsilon, yogi=name == "fedyogi")
+
+
+def state_digest(state: Tensors) -> str:
+    """SHA-256 over the state's names, dtypes, shapes and bytes: equal digests, bit-equal states."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()

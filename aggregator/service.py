@@ -25,7 +25,7 @@ from typing import Callable
 
 from aggregator.broadcasting import Broadcaster
 from aggregator.checkpoint import CheckpointError, CheckpointStore
-from aggregator.close_policy import Decision, SyncClosePolicy
+from aggregator.close_policy import AsyncClosePolicy, Decision, SyncClosePolicy
 from aggregator.defences import Defences, partition_sizes
 from aggregator.fedavg import check_compatible, non_finite_tensors
 from aggregator.intake import UpdateIntake
@@ -33,9 +33,10 @@ from aggregator.membership import Membership
 from aggregator.pipeline import Proposal
 from aggregator.pipeline_config import aggregation_record, build_pipeline, check_same_aggregation
 from aggregator.registry import WorkerRegistry
-from aggregator.rounds import OpenRound, VersionRecord, fp32_ratio
+from aggregator.rounds import OpenRound, VersionRecord, fp32_ratio, staleness_notes
 from aggregator.sender_identity import identity_refusal
 from aggregator.selection import select_participants
+from aggregator.server_optimizers import state_digest
 from aggregator.version_lines import VersionLines
 from fedmq.broker.base import Broker, Delivery
 from fedmq.device import resolve_device
@@ -87,8 +88,11 @@ class Aggregator:
                              cfg.dirichlet_alpha, cfg.shards_per_partition, cfg.seed)
         self.training = TrainingConfig(cfg.local_epochs, cfg.local_steps, cfg.batch_size, cfg.learning_rate,
                                        cfg.optimizer, cfg.momentum, cfg.weight_decay, cfg.proximal_mu,
-                                       cfg.update_codec)
-        self.close_policy = SyncClosePolicy(cfg.min_updates, cfg.quorum_fraction)
+                                       cfg.update_codec, cfg.mode)
+        self.asynchronous = cfg.mode == "async"
+        self.close_policy: SyncClosePolicy | AsyncClosePolicy = (
+            AsyncClosePolicy(cfg.buffer_size, cfg.min_updates, cfg.max_staleness) if self.asynchronous
+            else SyncClosePolicy(cfg.min_updates, cfg.quorum_fraction))
         self.defences = Defences(cfg, assigned=self._assigned_partition, partition_sizes=(
             partition_sizes(self.task, settings.data.data_root, settings.data.data_mirror)
             if cfg.aggregation == "fedavg" and cfg.dp_noise_multiplier == 0 else None))
@@ -118,6 +122,7 @@ class Aggregator:
         self.intake = UpdateIntake(broker, self.transport, self.run_id, self.task.num_partitions,
                                    update_bytes=encoded_size_bound(self.weights),
                                    max_frame_bytes=settings.broker.max_frame_bytes, pipeline=self.pipeline,
+                                   max_staleness=cfg.max_staleness if self.asynchronous else None,
                                    emit=self.events.emit, clock=clock)
         # A compressed update may declare no more elements than the model has.
         self.transport.max_decoded_elements = element_count(self.weights)
@@ -146,8 +151,10 @@ class Aggregator:
         self.registry.restore(checkpoint.partition_table, checkpoint.live_workers, self.clock())
         self.resumed = True
         self.broadcaster.restore_reference(self.store.directory, self.version, checkpoint.live_workers)
-        log.info("run %s: resuming from the checkpoint of version %d (%d workers were live)",
-                 self.run_id, self.version, len(checkpoint.live_workers))
+        log.info("run %s: resuming from the checkpoint of version %d (%d workers were live); %s mode, server "
+                 "optimizer %s with %d state tensors (sha256 %s)", self.run_id, self.version,
+                 len(checkpoint.live_workers), self.cfg.mode, self.pipeline.optimizer.name,
+                 len(self.pipeline.state()), state_digest(self.pipeline.state()))
 
     # -- the loop -------------------------------------------------------------------------------
     def run(self) -> RunResult:
@@ -281,7 +288,7 @@ class Aggregator:
         self.weights = proposal.weights
         evaluation = self._test()
         version = round_.version + 1
-        folded = frozenset((self.run_id, round_.version, w) for w in round_.folded)
+        folded = self.close_policy.checkpoint_keys(round_, self.checkpointed, version)
         privacy = self.defences.privacy
         ledger = privacy.propose() if privacy else None
         # Durable first, then acknowledge: an update is acked only once it is in a checkpoint.
@@ -297,14 +304,15 @@ class Aggregator:
         for delivery in round_.held_deliveries():
             self.broker.ack(delivery)
         record = VersionRecord(
-            self.run_id, version, len(round_.folded), len(round_.expected),
+            self.run_id, version, len(round_.folded_keys), len(round_.expected),
             evaluation.accuracy if evaluation else None, evaluation.loss if evaluation else None,
             round_.weighted_train_loss / max(round_.train_samples, 1), round_.bytes_up, round_.bytes_down,
             self.clock() - round_.started, len(self.registry.live_ids()), round_.stale, round_.duplicates,
             round_.dead_lettered, round_.rebroadcasts, self.refused_steps,
             bytes_up_ratio=fp32_ratio(round_.bytes_up, round_.copies_up, self.model_bytes),
             bytes_down_ratio=fp32_ratio(round_.bytes_down, round_.copies_down, self.model_bytes),
-            **self.defences.version_notes(round_.folded))
+            mode=self.cfg.mode, server_optimizer=self.pipeline.optimizer.name,
+            **staleness_notes(round_.staleness, round_.too_stale), **self.defences.version_notes(round_.folded))
         self.version, self.refused_steps = version, 0
         released = self.lines.closed(record)
         if (version >= self.cfg.versions or self._reached_target(record)
@@ -451,6 +459,11 @@ class Aggregator:
         else:
             self.intake.take(raw, self.round, version=self.version, checkpointed=self.checkpointed,
                              template=self.weights)
+            round_ = self.round
+            if (self.asynchronous and round_ is not None and round_.is_open
+                    and self.close_policy.decide(round_, self.registry, self.clock()) is Decision.CLOSE):
+                # FedBuff: the K-th update closes the version at once, not at the next tick.
+                self._close_round(round_)
 
     def _on_evaluation(self, raw: ReceivedBytes) -> None:
         """A worker's score of a version: counted once if that version's line is waiting for

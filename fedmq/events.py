@@ -52,7 +52,7 @@ class UpdateFolded:
 
 
 #: Why an update is not folded without being invalid (it is acknowledged and counted).
-DROPPED_REASONS = ("stale", "unselected", "duplicate")
+DROPPED_REASONS = ("stale", "unselected", "duplicate", "too-stale")
 
 
 @dataclass(frozen=True)

@@ -195,6 +195,10 @@ class TaskSpec:
         )
 
 
+#: The aggregator's modes (see :class:`TrainingConfig`).
+MODES = ("sync", "async")
+
+
 @dataclass(frozen=True)
 class TrainingConfig:
     """How every worker trains one version: carried in each broadcast so all train alike.
@@ -214,6 +218,9 @@ class TrainingConfig:
     proximal_mu: float = 0.0
     #: How workers encode their updates (a :func:`fedmq.codecs.parse_codec` spec).
     update_codec: str = "fp32"
+    #: The aggregator's --mode: in "async" mode a worker finishes the version it is training even
+    #: when newer ones arrive (in "sync" mode it abandons it: the version it trains is closed).
+    mode: str = "sync"
 
     def to_wire(self) -> dict[str, Any]:
         return _plain_fields(self)
@@ -231,6 +238,7 @@ class TrainingConfig:
             weight_decay=r.bounded("weight_decay", low=0.0),
             proximal_mu=r.bounded("proximal_mu", low=0.0),
             update_codec=r.str("update_codec", nonempty=True)[:100],
+            mode=r.choice("mode", MODES),
         )
         try:
             parse_codec(config.update_codec)

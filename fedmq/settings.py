@@ -339,6 +339,8 @@ def validate(s: Settings) -> None:
     _require(0 <= r.server_beta2 < 1, "server_beta2", "must be within [0, 1)")
     _require(r.server_epsilon > 0, "server_epsilon", "must be > 0")
     _require(w.slowdown >= 1, "slowdown", "must be >= 1")
+    _require(r.client_fraction == 1.0 or r.mode == "sync", "client_fraction",
+             "async mode has no client selection: every live worker trains the newest version it has")
     _require(r.dp_noise_multiplier == 0 or r.mode == "sync", "dp_noise_multiplier",
              "DP noise is calibrated to the plain mean of one version's clipped updates; async mode weighs "
              "them by staleness: use --mode sync")

@@ -425,9 +425,23 @@ class Worker:
                  self.worker_id, version, scored.num_samples, scored.accuracy, scored.loss)
         self.broker.call_threadsafe(lambda: self._send_evaluation(body, version))
 
-    def _newer_model_waiting(self, version: int, run_id: str) -> bool:
+    def _newer_model_waiting(self, version: int, run_id: str, *, asynchronous: bool = False) -> bool:
+        """True when training ``version`` is pointless: the worker stops, the run changed or, in
+        sync mode only, a newer version arrived (its version is closed). In async mode the
+        aggregator folds a stale update too: the worker finishes, then takes the newest."""
         latest = self._latest
-        return self._stopping.is_set() or latest is None or latest.run_id != run_id or latest.version > version
+        return (self._stopping.is_set() or latest is None or latest.run_id != run_id
+                or (not asynchronous and latest.version > version))
+
+    def _slow_down(self, trained_s: float, give_up: Callable[[], bool]) -> bool:
+        """``--slowdown``: wait (factor - 1) times the training time, so that training took factor
+        times as long; False if ``give_up`` said so meanwhile."""
+        until = time.perf_counter() + (self.cfg.slowdown - 1.0) * trained_s
+        while time.perf_counter() < until:
+            if give_up():
+                return False
+            time.sleep(min(0.05, max(until - time.perf_counter(), 0.0)))
+        return True
 
     def _train(self, model: ModelBroadcast) -> None:
         data = self._data
@@ -446,21 +460,25 @@ class Worker:
                     self._latest = None  # wait for the next broadcast
             return
         seed = training_seed(data.key[0].seed, model.version, data.partition, self.worker_id)
-        superseded = lambda: self._newer_model_waiting(model.version, model.run_id)  # noqa: E731
+        superseded = lambda: self._newer_model_waiting(  # noqa: E731
+            model.version, model.run_id, asynchronous=model.training.mode == "async")
         with self.slots.hold(give_up=superseded) as granted:
             if not granted:
                 with self._cond:
                     self._state = "idle"
                 return
             self.progress.begin(model.version)
+            started = time.perf_counter()
             try:
                 result = train_locally(data.model, model.weights, data.train.inputs, data.train.labels,
                                        model.training, seed=seed, should_stop=superseded, on_step=self.progress.step)
             finally:
                 speed = self.progress.end()
+        completed = result.completed and (self.cfg.slowdown == 1.0 or self._slow_down(result.seconds, superseded))
+        seconds = time.perf_counter() - started
         with self._cond:
             self._state = "idle"
-            if not result.completed:
+            if not completed:
                 log.info("worker %s: training of version %d abandoned after %d steps: a newer model arrived",
                          self.worker_id, model.version, result.steps)
                 return
@@ -470,10 +488,10 @@ class Worker:
         # goes into the next update (error feedback), never into a different run or partition.
         delta = self._feedback.encode((model.run_id, data.key), parse_codec(model.training.update_codec), result.delta)
         update = WeightUpdate(model.run_id, model.version, self.worker_id, data.partition, result.num_samples,
-                              result.train_loss, result.seconds, result.steps, delta)
+                              result.train_loss, seconds, result.steps, delta)
         body = encode(update)
         self.events.emit(TrainingFinished(model.run_id, self.worker_id, model.version, result.num_samples,
-                                          result.steps, result.seconds, result.train_loss, speed))
+                                          result.steps, seconds, result.train_loss, speed))
         log.info("worker %s: version %d trained, %d steps, loss %.4f, %.1f s", self.worker_id, model.version,
-                 result.steps, result.train_loss, result.seconds)
+                 result.steps, result.train_loss, seconds)
         self.broker.call_threadsafe(lambda: self._queue_update(key, body))
