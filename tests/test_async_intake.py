@@ -1,6 +1,9 @@
 """Async mode on the in-memory broker: staleness, too-stale and duplicate updates, the K-update
 close policy and the keys a checkpoint keeps."""
 
+import logging
+import re
+
 import torch
 
 from aggregator.close_policy import AsyncClosePolicy, Decision
@@ -107,3 +110,62 @@ def test_the_version_line_reports_staleness_in_async_mode():
     assert "staleness 0/1.0/2  4 too stale" in record.console_line()
     assert record.to_json()["server_optimizer"] == "fedadam"
     assert "staleness" not in VersionRecord("run", 3, 3, 3, 0.9, 0.3, 0.2, 1, 1, 1.0, 3, 0, 0, 0, 0).console_line()
+
+
+class _Folded(logging.Handler):
+    """(worker, base version) of every update the aggregator folds, from its log."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.folded: list[tuple[str, int]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        found = re.search(r"update \d+/\d+ from (\S+) .*trained on version (\d+)", record.getMessage())
+        if found:
+            self.folded.append((found.group(1), int(found.group(2))))
+
+
+def test_an_async_aggregator_folds_each_update_once_and_never_one_too_stale(data_root, tmp_path):
+    from aggregator.service import Aggregator
+    from federation_harness import ScriptedWorker, run_aggregator
+    from test_embedded import embedded_settings
+
+    hub = MemoryHub()
+
+    def train_each_version(participant, broadcast):
+        participant.send_update(broadcast, fill=0.001)
+        if broadcast.version >= 1:  # and send the update of the version before again (a resend)
+            older = next(b for b in participant.broadcasts if b.version == broadcast.version - 1)
+            participant.send_update(older, fill=0.001)
+
+    def straggle(participant, broadcast):
+        # Version 2: answer version 1 (1 or 2 versions old when it arrives); version 4: answer
+        # version 0 (4 or more versions old: beyond --max-staleness 2).
+        if broadcast.version in (2, 4):
+            participant.send_update(participant.broadcasts[0 if broadcast.version == 4 else 1], fill=0.001)
+
+    workers = [ScriptedWorker(hub, "a", on_broadcast=train_each_version).start(),
+               ScriptedWorker(hub, "b", on_broadcast=train_each_version).start(),
+               ScriptedWorker(hub, "late", on_broadcast=straggle).start()]
+    settings = embedded_settings(data_root, tmp_path, versions=6, mode="async", buffer_size=2, max_staleness=2,
+                                 start_workers=3, num_partitions=3, eval_data="none")
+    log = _Folded()
+    logging.getLogger("aggregator.intake").addHandler(log)
+    logging.getLogger("aggregator.intake").setLevel(logging.INFO)
+    try:
+        aggregator = Aggregator(settings, hub.connect())
+        result = run_aggregator(aggregator, limit_s=120)
+    finally:
+        logging.getLogger("aggregator.intake").removeHandler(log)
+        for worker in workers:
+            worker.stop()
+    assert not aggregator.hung and result.final_version == 6
+    # Every update (worker, base version) is folded at most once, though a and b sent each twice.
+    assert len(log.folded) == len(set(log.folded)) and ("a", 0) in log.folded and ("b", 1) in log.folded
+    assert ("late", 1) in log.folded and ("late", 0) not in log.folded
+    records = result.records
+    assert sum(r.participants for r in records) == len(log.folded)
+    assert sum(r.too_stale for r in records) == 1  # late's answer to version 0
+    assert max(r.staleness_max for r in records if r.staleness_max is not None) >= 1
+    assert sum(r.duplicates + r.stale for r in records) >= 4  # the resends, acknowledged, not folded
+    assert all(r.mode == "async" and r.server_optimizer == "fedavg" for r in records)
