@@ -53,6 +53,11 @@ class Broadcaster:
     def send(self, round_: OpenRound, recipients: list[str], live: list[str]) -> None:
         """Send the round's version (its current attempt) to ``recipients``; adds the bytes and
         copies to the round's downlink counters."""
+        if not recipients:
+            # Nobody to send to now (a resumed run before its workers are back): the version is
+            # open all the same, and joiners get it as a keyframe.
+            self._message(round_, self.encoder.keyframe())
+            return
         frames = {w: self.encoder.frame_for(self.held.get(w)) for w in recipients}
         same = {id(f) for f in frames.values()}
         if recipients and set(recipients) == set(live) and len(same) == 1:

@@ -28,7 +28,7 @@ class OpenRound:
     expected: set[str] = field(default_factory=set)
     started: float = 0.0
     deadline: float = float("inf")
-    broadcast: bytes | None = None  # the encoded ModelBroadcast, re-sent to joiners
+    broadcast: bytes | None = None  # the last encoded ModelBroadcast of this version (None: not sent yet)
     attempt: int = 0  # of the current broadcast (see ModelBroadcast)
     awaited: tuple[str, ...] = ()  # of the current broadcast (see ModelBroadcast)
     folded: set[str] = field(default_factory=set)  # workers with an update folded

@@ -236,3 +236,15 @@ def test_a_restarted_aggregator_goes_on_from_the_reference_beside_its_checkpoint
     stale = broadcaster()
     stale.restore_reference(tmp_path, 3, ["w1"])
     assert stale.held == {} and stale.encoder.reference is None
+
+
+def test_a_version_with_nobody_to_send_to_is_still_open():
+    from aggregator.broadcasting import Broadcaster
+    from aggregator.rounds import OpenRound
+
+    broadcaster = Broadcaster(transport=None, run_id="run", training=TRAINING, codec=parse_codec("int8"))
+    round_ = OpenRound(4, None)
+    broadcaster.open(round_, model())
+    broadcaster.send(round_, [], [])  # a resumed run before its workers are back
+    assert round_.is_open and round_.bytes_down == 0
+    assert m.decode(round_.broadcast).version == 4
