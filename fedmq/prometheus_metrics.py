@@ -60,6 +60,10 @@ class AggregatorMetrics:
         self.rebroadcasts = Counter("fedmq_rebroadcasts", "Versions broadcast again after their deadline",
                                     registry=r)
         self.finished = Gauge("fedmq_run_finished", "1 once the run is complete", registry=r)
+        self.bytes_ratio = Gauge("fedmq_bytes_ratio_to_fp32", "The newest version's bytes as a ratio to the same "
+                                 "messages with raw float32 tensors, by direction", ["direction"], registry=r)
+        self.dp_epsilon = Gauge("fedmq_dp_epsilon", "Privacy spent so far (DP-FedAvg's epsilon; absent without DP)",
+                                registry=r)
         self._set_open(-1)
         for direction in ("up", "down"):
             self.bytes.labels(direction)  # present from the start, at 0
@@ -115,6 +119,13 @@ class AggregatorMetrics:
             self.federated_accuracy.set(event.federated_accuracy)
         if event.federated_loss is not None:
             self.federated_loss.set(event.federated_loss)
+        extra = dict(event.extra)  # fields other features add to the line, when present
+        for direction in ("up", "down"):
+            ratio = extra.get(f"bytes_{direction}_ratio")
+            if isinstance(ratio, (int, float)):
+                self.bytes_ratio.labels(direction).set(ratio)
+        if isinstance(extra.get("dp_epsilon"), (int, float)):
+            self.dp_epsilon.set(extra["dp_epsilon"])
 
 
 class WorkerMetrics:

@@ -119,3 +119,34 @@ def test_heartbeat_progress_fields_are_checked(fields, reason):
     del raw["progress"]
     with pytest.raises(InvalidMessage):
         m.decode(msgpack.packb(raw, use_bin_type=True))
+
+
+def test_prometheus_metrics_follow_the_events():
+    from prometheus_client import generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from fedmq.prometheus_metrics import AggregatorMetrics
+
+    metrics = AggregatorMetrics()
+    line = dict(run_id="r", version=1, participants=2, expected=2, test_accuracy=0.9, test_loss=0.3, train_loss=0.4,
+                bytes_up=100, bytes_down=200, seconds=4.0, live_workers=2, stale=1, duplicates=0, dead_lettered=1,
+                rebroadcasts=0, bytes_up_ratio=0.25, dp_epsilon=1.5)
+    for event in (VersionOpened("r", 0, 2, 2, 200, 0.0, 300.0),
+                  UpdateFolded("r", 0, "w1", 1, 2, 600, 0.3, 1.0, 50, 1.0),
+                  UpdateRefused("r", 0, "w9", "stale", False, 50), UpdateRefused("r", 0, "", "malformed", True, 7),
+                  UpdateFolded("r", 0, "w2", 2, 2, 600, 0.3, 1.0, 50, 2.0), VersionClosed.from_line(line)):
+        metrics(event)
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(generate_latest(metrics.registry).decode())
+               for s in family.samples}
+    assert samples[("fedmq_model_version", ())] == 1 and samples[("fedmq_versions_total", ())] == 1
+    assert samples[("fedmq_updates_folded_total", ())] == 2 and samples[("fedmq_open_version", ())] == -1
+    assert samples[("fedmq_updates_dropped_total", (("reason", "stale"),))] == 1
+    assert samples[("fedmq_dead_letters_total", (("reason", "malformed"),))] == 1
+    assert samples[("fedmq_bytes_total", (("direction", "up"),))] == 100
+    assert samples[("fedmq_bytes_total", (("direction", "down"),))] == 200
+    assert samples[("fedmq_version_seconds_bucket", (("le", "5.0"),))] == 1
+    assert samples[("fedmq_version_seconds_bucket", (("le", "2.0"),))] == 0
+    assert samples[("fedmq_test_accuracy", ())] == 0.9 and samples[("fedmq_live_workers", ())] == 2
+    assert samples[("fedmq_bytes_ratio_to_fp32", (("direction", "up"),))] == 0.25
+    assert samples[("fedmq_dp_epsilon", ())] == 1.5
