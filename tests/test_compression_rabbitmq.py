@@ -9,7 +9,6 @@ with their reason while the run goes on.
 import struct
 
 import msgpack
-import pika
 import pytest
 import torch
 
