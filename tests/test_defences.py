@@ -257,11 +257,12 @@ def test_a_budget_below_one_version_ends_the_run_before_it_starts(data_root, tmp
 def test_async_mode_combines_each_buffer_by_the_robust_rule_and_clips(data_root, tmp_path):
     from fedmq_cli.embedded import run_embedded
 
-    # 3 embedded workers, a version every 3 updates: the median of each buffer, every update clipped to 0.5.
+    # 3 embedded workers, a version every 3 updates: the median of each buffer, updates clipped to 2
+    # (measured: every one of the 6 is longer; accuracy 0.92 then 0.95).
     settings = embedded_settings(data_root, tmp_path, versions=2, mode="async", buffer_size=3, aggregation="median",
-                                 clip_norm=0.5)
+                                 clip_norm=2.0)
     result = run_embedded(settings)
     assert [r.version for r in result.records] == [1, 2]
     assert all(r.defences["aggregation"] == "median" and r.participants == 3 for r in result.records)
     assert sum(r.clipped_updates for r in result.records) >= 1
-    assert result.records[-1].test_accuracy >= 0.85, [r.test_accuracy for r in result.records]
+    assert result.records[-1].test_accuracy >= 0.9, [r.test_accuracy for r in result.records]
