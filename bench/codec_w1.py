@@ -5,7 +5,8 @@ Runs ``bench/w1.py --skip-floor`` (fedmq over the real broker, workload W1: ``fe
 MNIST, 10 workers, IID, E=1, B=32, SGD lr 0.05, 10 versions) once per configuration, one after
 the other, and prints, against the fp32 run of the same invocation:
 
-- bytes up and down per version as a ratio to fp32's;
+- bytes up and down per version as a ratio to fp32's, and per message as a ratio to raw float32
+  (``bytes_*_ratio`` of metrics.jsonl: immune to a re-broadcast that doubles a version's traffic);
 - test accuracy after versions 3 and 10 (and the difference to fp32 in points);
 - wall time per version (the median of the per-version seconds) as a ratio to fp32's.
 
@@ -65,7 +66,7 @@ def per_version(records: list[dict], key: str) -> float:
 def report(results: dict[str, list[dict]], versions: int) -> list[dict]:
     base = results.get("fp32")
     rows = []
-    print(f"\n{'codec':10s} {'up/fp32':>8s} {'down/fp32':>9s} {'acc v3':>7s} {'acc v' + str(versions):>7s} "
+    print(f"\n{'codec':10s} {'up/fp32':>8s} {'down/fp32':>9s} {'up/msg':>7s} {'down/msg':>8s} {'acc v3':>7s} {'acc v' + str(versions):>7s} "
           f"{'d acc (pts)':>11s} {'s/version':>9s} {'time/fp32':>9s}")
     for name, records in results.items():
         if not records:
@@ -74,6 +75,8 @@ def report(results: dict[str, list[dict]], versions: int) -> list[dict]:
         seconds = statistics.median(r["seconds"] for r in records)
         row = {"codec": name, "bytes_up_per_version": per_version(records, "bytes_up"),
                "bytes_down_per_version": per_version(records, "bytes_down"),
+               "up_per_message": statistics.median(r.get("bytes_up_ratio") or 0.0 for r in records),
+               "down_per_message": statistics.median(r.get("bytes_down_ratio") or 0.0 for r in records),
                "accuracy_v3": accuracy_at(records, 3), f"accuracy_v{versions}": last, "median_seconds": seconds}
         if base:
             row["up_ratio"] = row["bytes_up_per_version"] / per_version(base, "bytes_up")
@@ -87,6 +90,7 @@ def report(results: dict[str, list[dict]], versions: int) -> list[dict]:
             return "-" if value is None else format(value, spec)
 
         print(f"{name:10s} {f(row.get('up_ratio'), '8.4f')} {f(row.get('down_ratio'), '9.4f')} "
+              f"{row['up_per_message']:7.4f} {row['down_per_message']:8.4f} "
               f"{f(row['accuracy_v3'], '7.4f')} {f(last, '7.4f')} {f(row.get('accuracy_points_vs_fp32'), '+11.2f')} "
               f"{seconds:9.1f} {f(row.get('time_ratio'), '9.3f')}")
     return rows
