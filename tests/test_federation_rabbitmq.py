@@ -162,8 +162,11 @@ def test_the_aggregators_connection_forced_closed_mid_fold_loses_and_doubles_not
     fed = federation(FEDMQ_VERSIONS=2, FEDMQ_START_WORKERS=3, FEDMQ_NUM_PARTITIONS=3, FEDMQ_TRAINING_SLOTS=1,
                      FEDMQ_TRAINING_SLOTS_DIR=str(tmp_path / "slots"), FEDMQ_ROUND_TIMEOUT_S=600)
     fed.aggregator()
-    for i in range(3):
-        fed.worker(f"w{i}")
+    # w1 and w2 are stragglers: whichever update comes first, the next one is many training
+    # times behind it, so the forced close (rabbitmqctl takes seconds) lands mid-fold.
+    fed.worker("w0")
+    for i in (1, 2):
+        fed.worker(f"w{i}", "--slowdown", "10")
     fed.wait_for_log("aggregator", "version 0: broadcast", 180)
     [consuming] = find_connections(rabbitmq_url, "fedmq-aggregator/consume")  # rabbitmqctl takes seconds
     fed.wait_for_log("aggregator", "version 0: update 1/3", 180)

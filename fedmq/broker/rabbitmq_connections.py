@@ -36,7 +36,7 @@ import pika
 
 from fedmq.broker.base import Delivery, DeliveryHandler
 from fedmq.broker.rabbitmq_errors import PIKA_ERRORS, config_error, describe
-from fedmq.broker.rabbitmq_tls import TlsFiles, client_context, tls_refusal
+from fedmq.broker.rabbitmq_tls import TlsFiles, client_context, tls_cut_off_without_certificate, tls_refusal
 from fedmq.errors import BrokerConfigError, BrokerUnavailable
 from fedmq.topology import BindingSpec, ExchangeSpec, QueueSpec
 
@@ -216,6 +216,9 @@ class RabbitConnections:
                     raise config from None
                 if self._connect_attempts and attempt >= self._connect_attempts:
                     log.error("%s: giving up after %d attempts: %s", name, attempt, describe(exc))
+                    cut_off = tls_cut_off_without_certificate(exc, self._tls) if params.ssl_options else None
+                    if cut_off is not None:
+                        raise cut_off from None
                     raise BrokerUnavailable(
                         f"cannot reach the broker after {attempt} attempts: {describe(exc)}"
                     ) from None

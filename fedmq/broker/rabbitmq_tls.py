@@ -67,3 +67,20 @@ def tls_refusal(exc: BaseException, ca_file: str) -> BrokerConfigError | None:
         return BrokerConfigError(f"TLS: the broker refused this client's certificate ({text}); give one it "
                                  "trusts with --broker-cert-file and --broker-key-file")
     return None
+
+
+def tls_cut_off_without_certificate(exc: BaseException, files: TlsFiles) -> BrokerConfigError | None:
+    """The likely configuration error when every TLS attempt ended in an EOF and this client
+    presented no certificate, else None.
+
+    With TLS 1.3 the broker checks the client's certificate after the client thinks the handshake
+    is done: its "certificate required" alert and the closed socket race, and the client often
+    reads only an EOF. A broker that cuts off every certificate-less attempt that way is almost
+    always one that requires client certificates (``fail_if_no_peer_cert``).
+    """
+    if files.cert_file or "EOF occurred in violation of protocol" not in str(exc):
+        return None
+    return BrokerConfigError("TLS: the broker closed every connection right after the handshake, and this client "
+                             "presented no certificate: a broker that requires client certificates does that; give "
+                             "one it trusts with --broker-cert-file and --broker-key-file")
+
