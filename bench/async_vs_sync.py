@@ -1,8 +1,8 @@
 """Async (FedBuff) against sync with stragglers, and server optimizers on a pathological split.
 
-Part 1, wall time to a target accuracy: ``--workers`` ``fedmq worker`` processes, started once
-(they join each run in turn), and one ``fedmq aggregator`` per configuration over the real
-RabbitMQ (a vhost of its own, made and deleted with ``rabbitmqctl``),
+Part 1, wall time to a target accuracy: per configuration, ``fedmq aggregator`` and
+``--workers`` ``fedmq worker`` processes over the real RabbitMQ (a vhost of its own, made and
+deleted with ``rabbitmqctl``),
 MNIST, IID, the FedAvg paper's 2NN, E=1, B=32, SGD lr 0.05; ``--stragglers`` of the workers run
 with ``--slowdown`` (they wait (factor-1) times their training time after training). Each
 configuration runs until the test accuracy reaches ``--target`` (or ``--max-versions``):
@@ -75,42 +75,40 @@ def time_to(points: list[tuple[int, float, float]], target: float) -> tuple[floa
 
 
 def part_wall_time(args, url: str, data_root: Path, work: Path) -> dict:
-    """One set of worker processes (``--no-exit-when-done``: they join each run in turn), one
-    aggregator per configuration."""
+    """Per configuration: an aggregator and ``--workers`` worker processes, started afresh."""
     configs = [("sync-full", {}), ("sync-q0.7", {"FEDMQ_QUORUM_FRACTION": 0.7})]
     configs += [(f"async-K{k}", {"FEDMQ_MODE": "async", "FEDMQ_BUFFER_SIZE": k}) for k in args.buffer_sizes]
-    purge_fedmq_queues(url)
-    fed = Federation(work, data_root, url, "unused", FEDMQ_START_WORKERS=args.workers,
-                     FEDMQ_NUM_PARTITIONS=args.workers, FEDMQ_TARGET_ACCURACY=args.target,
-                     FEDMQ_VERSIONS=args.max_versions, FEDMQ_ROUND_TIMEOUT_S=600, FEDMQ_WORKER_TIMEOUT_S=60,
-                     FEDMQ_HEARTBEAT_INTERVAL_S=5, FEDMQ_LOG_LEVEL="WARNING")
     results = {}
-    try:
-        for i in range(args.workers):
-            slow = i < args.stragglers
-            fed.worker(f"{'slow' if slow else 'fast'}-{i}", "--no-exit-when-done",
-                       *(["--slowdown", str(args.slowdown)] if slow else []))
-        for name, env in configs:
-            fed.run_id = f"bench-{name}-{uuid.uuid4().hex[:6]}"
-            fed.env.update({"FEDMQ_RUN_ID": fed.run_id, "FEDMQ_MODE": "sync", "FEDMQ_QUORUM_FRACTION": "1.0"})
-            fed.env.update({k: str(v) for k, v in env.items()})
-            started = time.perf_counter()
-            fed.aggregator(name=f"aggregator-{name}")
+    for name, env in configs:
+        purge_fedmq_queues(url)
+        directory = work / name
+        directory.mkdir()
+        fed = Federation(directory, data_root, url, f"bench-{name}-{uuid.uuid4().hex[:6]}",
+                         FEDMQ_START_WORKERS=args.workers, FEDMQ_NUM_PARTITIONS=args.workers,
+                         FEDMQ_TARGET_ACCURACY=args.target, FEDMQ_VERSIONS=args.max_versions,
+                         FEDMQ_ROUND_TIMEOUT_S=600, FEDMQ_WORKER_TIMEOUT_S=60, FEDMQ_HEARTBEAT_INTERVAL_S=5,
+                         FEDMQ_LOG_LEVEL="WARNING", **env)
+        started = time.perf_counter()
+        try:
+            fed.aggregator()
+            for i in range(args.workers):
+                slow = i < args.stragglers
+                fed.worker(f"{'slow' if slow else 'fast'}-{i}", *(["--slowdown", str(args.slowdown)] if slow else []))
             code = fed.wait_aggregator(args.timeout)
             if code != 0:
-                raise SystemExit(f"{name}: aggregator exited {code}:\n{fed.log(f'aggregator-{name}')[-2000:]}")
+                raise SystemExit(f"{name}: aggregator exited {code}:\n{fed.log('aggregator')[-2000:]}")
             records = fed.records()
-            points = curve(records)
-            results[name] = {"curve": points, "reached": time_to(points, args.target)}
-            print(f"\n{name}: {len(records)} versions, {time.perf_counter() - started:.0f} s in all "
-                  "(with the aggregator's start)", flush=True)
-            print("  version  seconds  accuracy  updates" + ("  staleness mean/max" if env.get("FEDMQ_MODE") else ""))
-            for (version, seconds, accuracy), r in zip(points, records):
-                stale = (f"  {r['staleness_mean']:.2f}/{r['staleness_max']}"
-                         if env.get("FEDMQ_MODE") and r.get("staleness_mean") is not None else "")
-                print(f"  {version:7d}  {seconds:7.1f}  {accuracy:8.4f}  {r['participants']:7d}{stale}")
-    finally:
-        fed.close()
+        finally:
+            fed.close()
+        points = curve(records)
+        results[name] = {"curve": points, "reached": time_to(points, args.target)}
+        print(f"\n{name}: {len(records)} versions, {time.perf_counter() - started:.0f} s in all (with start-up)",
+              flush=True)
+        print("  version  seconds  accuracy  updates" + ("  staleness mean/max" if env.get("FEDMQ_MODE") else ""))
+        for (version, seconds, accuracy), r in zip(points, records):
+            stale = (f"  {r['staleness_mean']:.2f}/{r['staleness_max']}"
+                     if env.get("FEDMQ_MODE") and r.get("staleness_mean") is not None else "")
+            print(f"  {version:7d}  {seconds:7.1f}  {accuracy:8.4f}  {r['participants']:7d}{stale}", flush=True)
     print(f"\nWall time from the first broadcast to {args.target:.0%} test accuracy (2NN, {args.workers} workers, "
           f"{args.stragglers} with --slowdown {args.slowdown:g}):")
     base = {k: results[k]["reached"] for k in ("sync-full", "sync-q0.7")}
@@ -153,7 +151,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("--broker-url", default=os.environ.get("FEDMQ_BROKER_URL",
                                                                "amqp://guest:guest@127.0.0.1:5672/%2F"))
-    parser.add_argument("--data-root", default=os.environ.get("FEDMQ_TEST_DATA", str(REPO.parent / "shared" / "data")))
+    parser.add_argument("--data-root", default=os.environ.get("FEDMQ_TEST_DATA", "../shared/data"))
     parser.add_argument("--workers", type=int, default=10)
     parser.add_argument("--stragglers", type=int, default=3)
     parser.add_argument("--slowdown", type=float, default=4.0)
