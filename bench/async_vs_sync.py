@@ -9,7 +9,9 @@ configuration runs until the test accuracy reaches ``--target`` (or ``--max-vers
 
 - sync, full quorum (every worker in every version);
 - sync, ``--quorum-fraction 0.7``;
-- async, each of ``--buffer-sizes`` (FedBuff's K, staleness 1/sqrt(1+tau)).
+- async, each of ``--buffer-sizes`` (FedBuff's K, staleness 1/sqrt(1+tau)) with each of
+  ``--async-server-lrs``; an async version folds K updates where a sync one folds up to
+  ``--workers``, so async runs may take ``--max-versions * workers / K`` versions.
 
 Time is measured from the first broadcast: the sum of the versions' ``seconds`` in the
 aggregator's metrics.jsonl (versions follow one another without a gap), so process start and
@@ -77,7 +79,10 @@ def time_to(points: list[tuple[int, float, float]], target: float) -> tuple[floa
 def part_wall_time(args, url: str, data_root: Path, work: Path) -> dict:
     """Per configuration: an aggregator and ``--workers`` worker processes, started afresh."""
     configs = [("sync-full", {}), ("sync-q0.7", {"FEDMQ_QUORUM_FRACTION": 0.7})]
-    configs += [(f"async-K{k}", {"FEDMQ_MODE": "async", "FEDMQ_BUFFER_SIZE": k}) for k in args.buffer_sizes]
+    configs += [(f"async-K{k}" + (f"-lr{lr:g}" if len(args.async_server_lrs) > 1 else ""),
+                 {"FEDMQ_MODE": "async", "FEDMQ_BUFFER_SIZE": k, "FEDMQ_SERVER_LEARNING_RATE": lr,
+                  "FEDMQ_VERSIONS": args.max_versions * args.workers // k})
+                for k in args.buffer_sizes for lr in args.async_server_lrs]
     results = {}
     for name, env in configs:
         purge_fedmq_queues(url)
@@ -85,9 +90,9 @@ def part_wall_time(args, url: str, data_root: Path, work: Path) -> dict:
         directory.mkdir()
         fed = Federation(directory, data_root, url, f"bench-{name}-{uuid.uuid4().hex[:6]}",
                          FEDMQ_START_WORKERS=args.workers, FEDMQ_NUM_PARTITIONS=args.workers,
-                         FEDMQ_TARGET_ACCURACY=args.target, FEDMQ_VERSIONS=args.max_versions,
-                         FEDMQ_ROUND_TIMEOUT_S=600, FEDMQ_WORKER_TIMEOUT_S=60, FEDMQ_HEARTBEAT_INTERVAL_S=5,
-                         FEDMQ_LOG_LEVEL="WARNING", **env)
+                         FEDMQ_TARGET_ACCURACY=args.target, FEDMQ_ROUND_TIMEOUT_S=600, FEDMQ_WORKER_TIMEOUT_S=60,
+                         FEDMQ_HEARTBEAT_INTERVAL_S=5, FEDMQ_LOG_LEVEL="WARNING",
+                         **{"FEDMQ_VERSIONS": args.max_versions, **env})
         started = time.perf_counter()
         try:
             fed.aggregator()
@@ -115,7 +120,7 @@ def part_wall_time(args, url: str, data_root: Path, work: Path) -> dict:
     for name, result in results.items():
         reached = result["reached"]
         if reached is None:
-            print(f"  {name:10s}  not reached in {args.max_versions} versions "
+            print(f"  {name:10s}  not reached in {len(result['curve'])} versions "
                   f"(best {max(a for _, _, a in result['curve']):.4f})")
             continue
         ratios = "  ".join(f"{reached[0] / b[0]:.2f} of {k}" for k, b in base.items() if b is not None and k != name)
@@ -156,8 +161,11 @@ def main() -> None:
     parser.add_argument("--stragglers", type=int, default=3)
     parser.add_argument("--slowdown", type=float, default=4.0)
     parser.add_argument("--target", type=float, default=0.97)
-    parser.add_argument("--max-versions", type=int, default=60)
-    parser.add_argument("--buffer-sizes", type=int, nargs="+", default=[3, 5])
+    parser.add_argument("--max-versions", type=int, default=60,
+                        help="versions a sync run may take; an async run may take this times workers / K")
+    parser.add_argument("--buffer-sizes", type=int, nargs="+", default=[5, 7])
+    parser.add_argument("--async-server-lrs", type=float, nargs="+", default=[1.0],
+                        help="server learning rates of the async runs (each with each buffer size)")
     parser.add_argument("--shards-versions", type=int, default=30)
     parser.add_argument("--fedavgm-lr", type=float, default=1.0)
     parser.add_argument("--fedadam-lr", type=float, default=0.01)
