@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Hashable
 
 from aggregator.pipeline import Combiner
 from fedmq.broker.base import Delivery
+from fedmq.events import VersionClosed
 
 
 @dataclass
@@ -68,47 +69,10 @@ class OpenRound:
 
 
 @dataclass(frozen=True)
-class VersionRecord:
-    """One line of ``metrics.jsonl`` and of the console: what producing ``version`` took, and how
-    good it is: ``test_*`` on the aggregator's test set (None with ``--eval-data none``),
-    ``federated_*`` the sample-weighted score of the workers' held-out rows (None when no worker
-    scored it), ``federated_samples`` and ``federated_workers`` what that score stands on."""
-
-    run_id: str
-    version: int
-    participants: int
-    expected: int
-    test_accuracy: float | None
-    test_loss: float | None
-    train_loss: float
-    bytes_up: int
-    bytes_down: int
-    seconds: float
-    live_workers: int
-    stale: int
-    duplicates: int
-    dead_lettered: int
-    rebroadcasts: int
-    refused_steps: int = 0  # aggregates of this version refused as not finite before this one
-    federated_accuracy: float | None = None
-    federated_loss: float | None = None
-    federated_samples: int = 0
-    federated_workers: int = 0
-    clipped_updates: int = 0  # updates whose norm was above --clip-norm
-    dp_epsilon: float | None = None  # privacy spent so far at dp_delta (None: no DP)
-    dp_noise_std: float | None = None  # of the noise added to this version's mean delta
-    defences: dict[str, Any] = field(default_factory=dict)  # the run's choices (Defences.describe)
-    #: bytes_up (bytes_down) over what the same messages take with raw float32 tensors (the
-    #: model's size per message): 1.0 with fp32, about 0.25 with int8; None when none was sent.
-    bytes_up_ratio: float | None = None
-    bytes_down_ratio: float | None = None
-    mode: str = "sync"  # --mode
-    server_optimizer: str = "fedavg"  # --server-optimizer
-    #: Staleness (versions since an update's base version) of the updates folded into this version.
-    staleness_min: int | None = None
-    staleness_mean: float | None = None
-    staleness_max: int | None = None
-    too_stale: int = 0  # updates acknowledged and not folded: older than --max-staleness
+class VersionRecord(VersionClosed):
+    """One line of ``metrics.jsonl`` and of the console (the fields are those of the
+    :class:`~fedmq.events.VersionClosed` event the line is released as), with what the aggregator
+    reads off a line: its accuracy and its console form."""
 
     @property
     def accuracy(self) -> float | None:
@@ -116,7 +80,7 @@ class VersionRecord:
         return self.test_accuracy if self.test_accuracy is not None else self.federated_accuracy
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        return self.line()
 
     def console_line(self) -> str:
         test = (f"accuracy {self.test_accuracy:.4f}  loss {self.test_loss:.4f}" if self.test_accuracy is not None

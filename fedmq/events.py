@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Union
 
 log = logging.getLogger(__name__)
@@ -117,9 +117,11 @@ class WorkerProgress:
 
 @dataclass(frozen=True)
 class VersionClosed:
-    """Model ``version`` was made and its line of ``metrics.jsonl`` released: the same fields as
-    that line (:class:`aggregator.rounds.VersionRecord`), so the file is written from this event.
-    ``test_*`` are on the aggregator's test set, ``federated_*`` the workers' held-out rows."""
+    """Model ``version`` was made and its line of ``metrics.jsonl`` released: these are that line's
+    fields (:class:`aggregator.rounds.VersionRecord` adds only methods), so the file is written from
+    this event. ``test_*`` are on the aggregator's test set (None with ``--eval-data none``),
+    ``federated_*`` the sample-weighted score of the workers' held-out rows (None when no worker
+    scored it), ``federated_samples`` and ``federated_workers`` what that score stands on."""
 
     run_id: str
     version: int
@@ -136,11 +138,26 @@ class VersionClosed:
     duplicates: int
     dead_lettered: int
     rebroadcasts: int
-    refused_steps: int = 0
+    refused_steps: int = 0  # aggregates of this version refused as not finite before this one
     federated_accuracy: float | None = None
     federated_loss: float | None = None
     federated_samples: int = 0
     federated_workers: int = 0
+    clipped_updates: int = 0  # updates whose norm was above --clip-norm
+    dp_epsilon: float | None = None  # privacy spent so far at dp_delta (None: no DP)
+    dp_noise_std: float | None = None  # of the noise added to this version's mean delta
+    defences: dict[str, Any] = field(default_factory=dict)  # the run's choices (Defences.describe)
+    #: bytes_up (bytes_down) over what the same messages take with raw float32 tensors (the
+    #: model's size per message): 1.0 with fp32, about 0.25 with int8; None when none was sent.
+    bytes_up_ratio: float | None = None
+    bytes_down_ratio: float | None = None
+    mode: str = "sync"  # --mode
+    server_optimizer: str = "fedavg"  # --server-optimizer
+    #: Staleness (versions since an update's base version) of the updates folded into this version.
+    staleness_min: int | None = None
+    staleness_mean: float | None = None
+    staleness_max: int | None = None
+    too_stale: int = 0  # updates acknowledged and not folded: older than --max-staleness
     #: Fields of the line this class does not name (added to the record later): kept, in order.
     extra: tuple[tuple[str, Any], ...] = ()
 

@@ -15,21 +15,7 @@ from typing import Callable
 
 from fedmq.events import (Event, RunFinished, UpdateFolded, UpdateRefused, VersionClosed, VersionOpened,
                           WorkerJoined, WorkerLeft, WorkerPresumedDead, WorkerProgress)
-
-
-@dataclass(frozen=True)
-class WorkerView:
-    """One live worker: ``version`` the last it trained (-1 none), ``progress`` (0-1) of the
-    training in hand, ``samples_per_second`` of its last training, ``silent_s`` since it spoke."""
-
-    worker_id: str
-    state: str
-    device: str
-    partition: int
-    version: int
-    progress: float
-    samples_per_second: float
-    silent_s: float
+from fedmq.messages import WorkerStatus
 
 
 @dataclass(frozen=True)
@@ -51,7 +37,7 @@ class FederationSnapshot:
     elapsed_s: float
     estimate_s: float
     last: VersionClosed | None
-    workers: tuple[WorkerView, ...]
+    workers: tuple[WorkerStatus, ...]  # as ``fedmq status`` receives them
     dead_letters: int
     dropped: int
     bytes_up: int
@@ -70,7 +56,7 @@ class FederationState:
         self._open, self._expected, self._folded, self._opened_at = -1, 0, 0, 0.0
         self._last: VersionClosed | None = None
         self._seconds: list[float] = []
-        self._workers: dict[str, WorkerView] = {}
+        self._workers: dict[str, WorkerStatus] = {}
         self._heard: dict[str, float] = {}
         self._dead_letters = self._dropped = self._bytes_up = self._bytes_down = 0
         self._finished = False
@@ -116,7 +102,7 @@ class FederationState:
             self._open, self._expected, self._folded = -1, 0, 0
 
     def _worker(self, worker_id: str, **changes) -> None:
-        view = self._workers.get(worker_id) or WorkerView(worker_id, "joining", "", -1, -1, 0.0, 0.0, 0.0)
+        view = self._workers.get(worker_id) or WorkerStatus(worker_id, "joining", "", -1, -1, 0.0, 0.0, 0.0)
         if not changes.get("device"):
             changes.pop("device", None)
         if changes.get("samples_per_second") == 0.0:

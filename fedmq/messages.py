@@ -638,7 +638,10 @@ class StatusRequest:
 
 @dataclass(frozen=True)
 class WorkerStatus:
-    """One live worker in a :class:`StatusReply` (see :class:`fedmq.federation_state.WorkerView`)."""
+    """One live worker in a :class:`StatusReply`, and in the aggregator's own view of the federation
+    (:class:`fedmq.federation_state.FederationSnapshot`): ``version`` the last it trained (-1 none),
+    ``progress`` (0-1) of the training in hand, ``samples_per_second`` of its last training,
+    ``silent_s`` the seconds since it spoke."""
 
     worker_id: str
     state: str

@@ -119,13 +119,11 @@ class AggregatorMetrics:
             self.federated_accuracy.set(event.federated_accuracy)
         if event.federated_loss is not None:
             self.federated_loss.set(event.federated_loss)
-        extra = dict(event.extra)  # fields other features add to the line, when present
-        for direction in ("up", "down"):
-            ratio = extra.get(f"bytes_{direction}_ratio")
-            if isinstance(ratio, (int, float)):
+        for direction, ratio in (("up", event.bytes_up_ratio), ("down", event.bytes_down_ratio)):
+            if ratio is not None:
                 self.bytes_ratio.labels(direction).set(ratio)
-        if isinstance(extra.get("dp_epsilon"), (int, float)):
-            self.dp_epsilon.set(extra["dp_epsilon"])
+        if event.dp_epsilon is not None:
+            self.dp_epsilon.set(event.dp_epsilon)
 
 
 class WorkerMetrics:

@@ -18,7 +18,7 @@ from fedmq.broker.base import Broker, Delivery
 from fedmq.broker_users import declare_shared_topology
 from fedmq.errors import InvalidMessage, Unroutable
 from fedmq.federation_state import FederationSnapshot
-from fedmq.messages import STATUS_REPLY_PREFIX, StatusReply, StatusRequest, WorkerStatus
+from fedmq.messages import STATUS_REPLY_PREFIX, StatusReply, StatusRequest
 from fedmq.topology import CONTROL_QUEUE, DEFAULT_EXCHANGE, QueueSpec
 from fedmq.transport import Transport
 
@@ -31,13 +31,11 @@ REPLY_QUEUE_EXPIRES_MS = 60_000
 def status_reply(request_id: str, snapshot: FederationSnapshot) -> StatusReply:
     """The answer to request ``request_id`` from the federation's ``snapshot``."""
     last = snapshot.last
-    workers = tuple(WorkerStatus(w.worker_id, w.state, w.device, w.partition, w.version, w.progress,
-                                 w.samples_per_second, w.silent_s) for w in snapshot.workers)
     return StatusReply(request_id, snapshot.run_id, snapshot.version, snapshot.versions, snapshot.open_version,
                        snapshot.expected, snapshot.folded, snapshot.elapsed_s, snapshot.estimate_s,
                        _finite(last.test_accuracy) if last else None, _finite(last.test_loss) if last else None,
                        _finite(last.federated_accuracy) if last else None, snapshot.dead_letters, snapshot.finished,
-                       workers)
+                       snapshot.workers)
 
 
 def _finite(value: float | None) -> float | None:
