@@ -10,7 +10,7 @@ configuration runs until the test accuracy reaches ``--target`` (or ``--max-vers
 - sync, full quorum (every worker in every version);
 - sync, ``--quorum-fraction 0.7``;
 - async, each of ``--buffer-sizes`` (FedBuff's K, staleness 1/sqrt(1+tau)) with each of
-  ``--async-server-lrs``; an async version folds K updates where a sync one folds up to
+  ``--async-server-lrs`` (or the ``--async-runs`` K:LR pairs); an async version folds K updates where a sync one folds up to
   ``--workers``, so async runs may take ``--max-versions * workers / K`` versions.
 
 Time is measured from the first broadcast: the sum of the versions' ``seconds`` in the
@@ -24,6 +24,7 @@ the in-memory broker, the same aggregator and workers), up to ``--shards-version
 
     nice -n 10 .venv/bin/python bench/async_vs_sync.py            # both parts
     .venv/bin/python bench/async_vs_sync.py --skip-shards --buffer-sizes 3
+    .venv/bin/python bench/async_vs_sync.py --skip-shards --async-runs 5:0.5 7:1.0
 """
 
 from __future__ import annotations
@@ -76,13 +77,24 @@ def time_to(points: list[tuple[int, float, float]], target: float) -> tuple[floa
     return None
 
 
+def async_run(text: str) -> tuple[int, float]:
+    """``K:LR`` (a buffer size and its server learning rate) as a pair."""
+    try:
+        k, lr = text.split(":")
+        return int(k), float(lr)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected K:LR such as 7:1.0, got {text!r}") from None
+
+
 def part_wall_time(args, url: str, data_root: Path, work: Path) -> dict:
     """Per configuration: an aggregator and ``--workers`` worker processes, started afresh."""
     configs = [("sync-full", {}), ("sync-q0.7", {"FEDMQ_QUORUM_FRACTION": 0.7})]
-    configs += [(f"async-K{k}" + (f"-lr{lr:g}" if len(args.async_server_lrs) > 1 else ""),
+    runs = args.async_runs or [(k, lr) for k in args.buffer_sizes for lr in args.async_server_lrs]
+    several_lrs = len({lr for _, lr in runs}) > 1
+    configs += [(f"async-K{k}" + (f"-lr{lr:g}" if several_lrs else ""),
                  {"FEDMQ_MODE": "async", "FEDMQ_BUFFER_SIZE": k, "FEDMQ_SERVER_LEARNING_RATE": lr,
                   "FEDMQ_VERSIONS": args.max_versions * args.workers // k})
-                for k in args.buffer_sizes for lr in args.async_server_lrs]
+                for k, lr in runs]
     results = {}
     for name, env in configs:
         purge_fedmq_queues(url)
@@ -166,6 +178,9 @@ def main() -> None:
     parser.add_argument("--buffer-sizes", type=int, nargs="+", default=[5, 7])
     parser.add_argument("--async-server-lrs", type=float, nargs="+", default=[1.0],
                         help="server learning rates of the async runs (each with each buffer size)")
+    parser.add_argument("--async-runs", type=async_run, nargs="+", metavar="K:LR",
+                        help="async runs as buffer size:server learning rate pairs, instead of every "
+                             "--buffer-sizes with every --async-server-lrs")
     parser.add_argument("--shards-versions", type=int, default=30)
     parser.add_argument("--fedavgm-lr", type=float, default=1.0)
     parser.add_argument("--fedadam-lr", type=float, default=0.01)
