@@ -85,13 +85,14 @@ def make_test_pki(directory: Path) -> TestPki:
 # -- a private node ---------------------------------------------------------------------------
 class PrivateRabbit:
     """``with PrivateRabbit(tmp, config_lines) as node:`` a running node; ``node.amqp_port``,
-    ``node.tls_port`` (if the configuration used ``{tls_port}``), ``node.ctl(...)``."""
+    ``node.tls_port`` (if the configuration used ``{tls_port}``), ``node.ctl(...)``. Configuration
+    lines may also name ``{amqp_port}`` (e.g. another listener on the same port)."""
 
     def __init__(self, directory: Path, config_lines: list[str] | None = None, *, boot_timeout_s: float = 90) -> None:
         self.directory = directory
         self.name = f"fedmq-test-{uuid.uuid4().hex[:8]}@localhost"
         self.amqp_port, self.tls_port, self.dist_port = free_port(), free_port(), free_port()
-        self.config_lines = [line.format(tls_port=self.tls_port) for line in (config_lines or [])]
+        self.config_lines = [line.format(tls_port=self.tls_port, amqp_port=self.amqp_port) for line in (config_lines or [])]
         self.boot_timeout_s = boot_timeout_s
         self.process: subprocess.Popen | None = None
         self.env: dict[str, str] = {}
