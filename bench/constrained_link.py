@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import secrets
 import signal
 import statistics
@@ -91,7 +92,7 @@ def run_config(name: str, args: argparse.Namespace, node: PrivateRabbit, passwor
                   "--output-dir", str(out), "--live-view", "off"]
     env = child_env()
     print(f"== {name}: update codec {update}, broadcast codec {broadcast}; run {run_id}, logs in {logs}", flush=True)
-    down0, up0 = link.bytes_moved()
+    down0, up0, load0 = *link.bytes_moved(), os.getloadavg()[0]
     processes = [subprocess.Popen(aggregator, env=env, cwd=REPO, stdin=subprocess.DEVNULL, start_new_session=True,
                                   stdout=open(logs / "aggregator.log", "w"), stderr=subprocess.STDOUT)]
     for i in range(args.workers):
@@ -108,7 +109,7 @@ def run_config(name: str, args: argparse.Namespace, node: PrivateRabbit, passwor
     finally:
         for process in processes:
             stop(process, grace_s=grace_s if process is not processes[0] else 0)
-    down1, up1 = link.bytes_moved()
+    down1, up1, load1 = *link.bytes_moved(), os.getloadavg()[0]
     metrics = out / run_id / "metrics.jsonl"
     records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()] if metrics.exists() else []
     for r in records:
@@ -117,8 +118,12 @@ def run_config(name: str, args: argparse.Namespace, node: PrivateRabbit, passwor
     if len(records) < args.versions or processes[0].returncode != 0:
         print(f"   {name}: FAILED (aggregator status {processes[0].returncode}, {len(records)} versions); "
               f"see {logs}", flush=True)
+    # Each worker logs "version V trained, N steps, loss L, S s": the compute inside each version.
+    trained = [float(m) for i in range(args.workers) for m in
+               re.findall(r"version \d+ trained, .* ([\d.]+) s$", (logs / f"worker-{i}.log").read_text(), re.M)]
     return {"codec": name, "records": records, "link_down_bytes": down1 - down0, "link_up_bytes": up1 - up0,
-            "aggregator_status": processes[0].returncode}
+            "aggregator_status": processes[0].returncode, "load_average": (load0, load1),
+            "train_seconds_mean": statistics.mean(trained) if trained else None}
 
 
 def summarise(result: dict, versions: int) -> dict:
@@ -129,6 +134,7 @@ def summarise(result: dict, versions: int) -> dict:
             "accuracy_last": records[-1]["test_accuracy"] if records else None,
             "bytes_up_per_version": sum(r["bytes_up"] for r in records) / n,
             "bytes_down_per_version": sum(r["bytes_down"] for r in records) / n,
+            "train_seconds_mean": result["train_seconds_mean"], "load_average": result["load_average"],
             "link_up_per_version": result["link_up_bytes"] / versions,
             "link_down_per_version": result["link_down_bytes"] / versions}
 
@@ -136,14 +142,15 @@ def summarise(result: dict, versions: int) -> dict:
 def report(rows: list[dict], args: argparse.Namespace) -> None:
     print(f"\n{args.workers} workers behind one {args.rate} link each way, {MODEL}, {args.versions} versions, "
           + (f"{args.local_steps} local steps" if args.local_steps else "E=1") + f", B={BATCH_SIZE}")
-    print(f"{'codec':6s} {'s/version':>9s} {'acc last':>8s} {'up MB/v':>8s} {'down MB/v':>9s} "
-          f"{'link up MB/v':>12s} {'link down MB/v':>14s}")
+    print(f"{'codec':6s} {'s/version':>9s} {'train s':>7s} {'acc last':>8s} {'up MB/v':>8s} {'down MB/v':>9s} "
+          f"{'link up MB/v':>12s} {'link down MB/v':>14s} {'load before/after':>17s}")
     for row in rows:
         seconds = "-" if row["seconds_per_version"] is None else f"{row['seconds_per_version']:9.1f}"
         accuracy = "-" if row["accuracy_last"] is None else f"{row['accuracy_last']:8.4f}"
-        print(f"{row['codec']:6s} {seconds:>9s} {accuracy:>8s} {row['bytes_up_per_version'] / 1e6:8.2f} "
+        train = "-" if row["train_seconds_mean"] is None else f"{row['train_seconds_mean']:7.1f}"
+        print(f"{row['codec']:6s} {seconds:>9s} {train:>7s} {accuracy:>8s} {row['bytes_up_per_version'] / 1e6:8.2f} "
               f"{row['bytes_down_per_version'] / 1e6:9.2f} {row['link_up_per_version'] / 1e6:12.2f} "
-              f"{row['link_down_per_version'] / 1e6:14.2f}")
+              f"{row['link_down_per_version'] / 1e6:14.2f} {'%.1f / %.1f' % row['load_average']:>17s}")
     by_codec = {row["codec"]: row for row in rows}
     base, int8 = by_codec.get("fp32"), by_codec.get("int8")
     if base and int8 and base["seconds_per_version"] and int8["seconds_per_version"]:
