@@ -23,6 +23,7 @@ import json
 import os
 import re
 import secrets
+import shutil
 import signal
 import statistics
 import subprocess
@@ -185,10 +186,15 @@ def main() -> int:
     with ShapedLink(rate=args.rate) as link:
         print(link.describe(), flush=True)
         node = PrivateRabbit(work / "rabbit", [f"listeners.tcp.link = {link.host_ip}:{{amqp_port}}"])
-        with node:
+        try:  # not ``with node``: an interrupt while it boots must stop it too
+            node.start()
             node.ctl("add_user", USER, password)
             print(f"private RabbitMQ {node.name} on 127.0.0.1 and {link.host_ip}, port {node.amqp_port}", flush=True)
             rows = [summarise(run_config(name, args, node, password, link, work), args.versions) for name in names]
+        finally:
+            node.stop()
+            shutil.rmtree(work / "rabbit", ignore_errors=True)
+    print(f"logs and metrics kept in {work}")
     report(rows, args)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
