@@ -172,7 +172,7 @@ def main() -> int:
                         help="local optimizer steps per version (0: one epoch over the partition, as W1) [0]")
     parser.add_argument("--only", default=",".join(CONFIGS), help="comma-separated configurations [fp32,int8]")
     parser.add_argument("--data-root", default=str(REPO / ".cache" / "bench-data"), help="data cache")
-    parser.add_argument("--data-mirror", default="/work/shared/data", help="read-only originals")
+    parser.add_argument("--data-mirror", default=str(REPO.parent / "shared" / "data"), help="read-only originals")
     parser.add_argument("--timeout", type=float, default=1200, help="seconds allowed per configuration [1200]")
     parser.add_argument("--json", help="also write the rows as JSON here")
     args = parser.parse_args()
