@@ -45,11 +45,12 @@ from fedmq.codecs import parse_codec
 from fedmq.event_log import log_event
 from fedmq.events import EventBus, RunFinished, UpdateRefused, VersionOpened
 from fedmq.federation_state import FederationState
-from fedmq.messages import (EvaluationReport, EvaluationRequest, KeyframeRequest, RunComplete, StatusRequest, TaskSpec,
+from fedmq.messages import (EvaluationReport, EvaluationRequest, KeyframeRequest, RunComplete, TaskSpec,
                             TrainingConfig, peek_kind)
 from fedmq.metrics_file import MetricsFile
 from fedmq.status import answer_status
 from fedmq.settings import DEFAULT_RUN_ID, Settings
+from fedmq.status_messages import StatusRequest
 from fedmq.task import build_model, load_split
 from fedmq.task.evaluation import Evaluation, evaluate
 from fedmq.topology import BROADCAST_EXCHANGE, CONTROL_QUEUE, STATIC_TOPOLOGY, UPDATES_QUEUE

@@ -15,7 +15,7 @@ from typing import Callable
 
 from fedmq.events import (Event, RunFinished, UpdateFolded, UpdateRefused, VersionClosed, VersionOpened,
                           WorkerJoined, WorkerLeft, WorkerPresumedDead, WorkerProgress)
-from fedmq.messages import WorkerStatus
+from fedmq.status_messages import WorkerStatus
 
 
 @dataclass(frozen=True)

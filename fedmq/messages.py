@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, Mapping, Union
 
@@ -29,141 +28,15 @@ from fedmq.codecs import parse_codec
 from fedmq.errors import InvalidMessage
 from fedmq.task.datasets import DATASETS
 from fedmq.task.partitions import SCHEMES
-from fedmq.topology import STATUS_REPLY_PREFIX
-from fedmq.tensor_codec import check_finite, decode_tensors, encode_tensors
+from fedmq.status_messages import StatusReply, StatusRequest
+from fedmq.tensor_codec import encode_tensors
+from fedmq.wire_fields import FieldReader, plain_fields
 
 SCHEMA_VERSION = 1
 
 
-class _Reader:
-    """Strict, typed access to one decoded map; every defect is an InvalidMessage."""
-
-    def __init__(self, kind: str, raw: Mapping[str, Any], fields: tuple[str, ...], *,
-                 max_elements: int | None = None) -> None:
-        extra = set(raw) - set(fields) - {"schema", "kind"}
-        missing = set(fields) - set(raw)
-        if extra or missing:
-            raise InvalidMessage(
-                "schema", f"{kind}: missing fields {sorted(missing)}, unexpected {sorted(map(str, extra))}"
-            )
-        self.kind, self.raw = kind, raw
-        self.max_elements = max_elements  # what compressed tensors may declare (see decode)
-
-    def tensors(self, name: str) -> dict[str, torch.Tensor]:
-        """A tensor list field, decoded (see :func:`fedmq.tensor_codec.decode_tensors`) and finite."""
-        tensors = decode_tensors(self.raw[name], max_elements=self.max_elements)
-        check_finite(tensors)
-        return tensors
-
-    def _bad(self, name: str, want: str) -> InvalidMessage:
-        return InvalidMessage("schema", f"{self.kind}.{name}: want {want}, got {type(self.raw[name]).__name__}")
-
-    def str(self, name: str, *, nonempty: bool = False) -> str:
-        value = self.raw[name]
-        if not isinstance(value, str) or (nonempty and not value):
-            raise self._bad(name, "a non-empty string" if nonempty else "a string")
-        return value
-
-    def ident(self, name: str, *, nonempty: bool = True) -> str:
-        """A worker, run or message id: see :func:`check_identifier`."""
-        value = self.str(name, nonempty=nonempty)
-        check_identifier(f"{self.kind}.{name}", value, allow_empty=not nonempty)
-        return value
-
-    def choice(self, name: str, allowed: tuple[str, ...]) -> str:
-        value = self.str(name, nonempty=True)
-        if value not in allowed:
-            raise InvalidMessage("schema", f"{self.kind}.{name}={value[:40]!r}: choose from {', '.join(allowed)}")
-        return value
-
-    def bounded(self, name: str, *, low: float, high: float = math.inf, low_open: bool = False,
-                high_open: bool = False) -> float:
-        """A finite number within [low, high] (an open end excludes its bound)."""
-        value = self.float(name)
-        too_low = value <= low if low_open else value < low
-        too_high = value >= high if high_open else value > high
-        if too_low or too_high:
-            interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
-            raise InvalidMessage("schema", f"{self.kind}.{name}={value} is outside {interval}")
-        return value
-
-    def int(self, name: str, *, minimum: int | None = None) -> int:
-        value = self.raw[name]
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise self._bad(name, "an integer")
-        if minimum is not None and value < minimum:
-            raise InvalidMessage("schema", f"{self.kind}.{name}={value} is below {minimum}")
-        return value
-
-    def float(self, name: str, *, finite: bool = True) -> float:
-        value = self.raw[name]
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise self._bad(name, "a number")
-        if finite and not math.isfinite(value):
-            raise InvalidMessage("non-finite", f"{self.kind}.{name} is {value}")
-        return float(value)
-
-    def bool(self, name: str) -> bool:
-        value = self.raw[name]
-        if not isinstance(value, bool):
-            raise self._bad(name, "a boolean")
-        return value
-
-    def strs(self, name: str) -> tuple[str, ...]:
-        value = self.raw[name]
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise self._bad(name, "a list of strings")
-        return tuple(value)
-
-    def idents(self, name: str) -> tuple[str, ...]:
-        """A list of worker ids, each checked by :func:`check_identifier`."""
-        values = self.strs(name)
-        for value in values:
-            check_identifier(f"{self.kind}.{name}[]", value)
-        return values
-
-    def map(self, name: str) -> Mapping[str, Any]:
-        value = self.raw[name]
-        if not isinstance(value, dict):
-            raise self._bad(name, "a map")
-        return value
-
-    def optional_bounded(self, name: str, *, low: float, high: float = math.inf) -> float | None:
-        """None (nil on the wire) or a finite number within [low, high]."""
-        return None if self.raw[name] is None else self.bounded(name, low=low, high=high)
-
-    def maps(self, name: str, *, most: int) -> list[Mapping[str, Any]]:
-        value = self.raw[name]
-        if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
-            raise self._bad(name, "a list of maps")
-        if len(value) > most:
-            raise InvalidMessage("bounds", f"{self.kind}.{name} has {len(value)} entries, at most {most}")
-        return value
-
-    def bytes(self, name: str) -> bytes:
-        value = self.raw[name]
-        if not isinstance(value, bytes):
-            raise self._bad(name, "bytes")
-        return value
-
-
-#: The longest worker, run or message id: an inbox queue name (``fedmq.inbox.<worker id>``) and
-#: every routing key built from an id stay far inside AMQP's 255-byte short strings.
-MAX_IDENTIFIER_CHARS = 128
-
 #: Local optimizers a worker can build (worker.trainer); the wire contract names them.
 OPTIMIZERS = ("sgd", "adam")
-
-
-def check_identifier(what: str, value: str, *, allow_empty: bool = False) -> None:
-    """InvalidMessage unless ``value`` is 1-128 letters, digits, ``-``, ``_`` or ``.``."""
-    if (not value and not allow_empty) or len(value) > MAX_IDENTIFIER_CHARS or not all(
-            (c.isascii() and c.isalnum()) or c in "-_." for c in value):
-        raise InvalidMessage("schema", f"{what}={value[:40]!r}: want 1-{MAX_IDENTIFIER_CHARS} letters, digits, - _ .")
-
-
-def _plain_fields(obj: Any) -> dict[str, Any]:
-    return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
 
 
 @dataclass(frozen=True)
@@ -179,11 +52,11 @@ class TaskSpec:
     seed: int
 
     def to_wire(self) -> dict[str, Any]:
-        return _plain_fields(self)
+        return plain_fields(self)
 
     @classmethod
     def from_wire(cls, raw: Mapping[str, Any]) -> "TaskSpec":
-        r = _Reader("task", raw, tuple(f.name for f in dataclasses.fields(cls)))
+        r = FieldReader("task", raw, tuple(f.name for f in dataclasses.fields(cls)))
         return cls(
             dataset=r.choice("dataset", tuple(DATASETS)),
             model=r.str("model", nonempty=True),
@@ -223,11 +96,11 @@ class TrainingConfig:
     mode: str = "sync"
 
     def to_wire(self) -> dict[str, Any]:
-        return _plain_fields(self)
+        return plain_fields(self)
 
     @classmethod
     def from_wire(cls, raw: Mapping[str, Any]) -> "TrainingConfig":
-        r = _Reader("training", raw, tuple(f.name for f in dataclasses.fields(cls)))
+        r = FieldReader("training", raw, tuple(f.name for f in dataclasses.fields(cls)))
         config = cls(
             local_epochs=r.int("local_epochs", minimum=0),
             local_steps=r.int("local_steps", minimum=0),
@@ -265,10 +138,10 @@ class WorkerHello:
     sent_at: float
 
     def fields(self) -> dict[str, Any]:
-        return _plain_fields(self)
+        return plain_fields(self)
 
     @classmethod
-    def from_fields(cls, r: _Reader) -> "WorkerHello":
+    def from_fields(cls, r: FieldReader) -> "WorkerHello":
         return cls(r.ident("worker_id"), r.int("requested_partition", minimum=-1), r.str("device"),
                    r.float("sent_at"))
 
@@ -295,10 +168,10 @@ class Heartbeat:
     samples_per_second: float = 0.0
 
     def fields(self) -> dict[str, Any]:
-        return _plain_fields(self)
+        return plain_fields(self)
 
     @classmethod
-    def from_fields(cls, r: _Reader) -> "Heartbeat":
+    def from_fields(cls, r: FieldReader) -> "Heartbeat":
         state = r.str("state")
         if state not in cls.STATES:
             raise InvalidMessage("schema", f"heartbeat.state {state!r} not in {cls.STATES}")
@@ -330,10 +203,10 @@ class WorkerGoodbye:
     detail: str = ""
 
     def fields(self) -> dict[str, Any]:
-        return _plain_fields(self)
+        return plain_fields(self)
 
     @classmethod
-    def from_fields(cls, r: _Reader) -> "WorkerGoodbye":
+    def from_fields(cls, r: FieldReader) -> "WorkerGoodbye":
         reason = r.str("reason")
         if reason not in cls.REASONS:
             raise InvalidMessage("schema", f"goodbye.reason {reason!r} not in {cls.REASONS}")
@@ -355,7 +228,7 @@ class JoinAccepted:
                 "partition_index": self.partition_index, "task": self.task.to_wire()}
 
     @classmethod
-    def from_fields(cls, r: _Reader) -> "JoinAccepted":
+    def from_fields(cls, r: FieldReader) -> "JoinAccepted":
         task = TaskSpec.from_wire(r.map("task"))
         index = r.int("partition_index", minimum=0)
         if index >= task.num_partitions:
@@ -404,7 +277,7 @@ class ModelBroadcast:
                 "digest": self.digest}
 
     @classmethod
-    def from_fields(cls, r: _Reader) -> "ModelBroadcast":
+    def from_fields(cls, r: FieldReader) -> "ModelBroadcast":
         weights = r.tensors("weights")
         version, base, digest = r.int("version", minimum=0), r.int("base_version", minimum=-1), r.bytes("digest")
         if base >= version:
@@ -432,10 +305,10 @@ class KeyframeRequest:
     reason: str
 
     def fields(self) -> dict[str, Any]:
-        return _plain_fields(self)
+        return plain_fields(self)
 
     @classmethod
-    def from_fields(cls, r: _Reader) -> "KeyframeRequest":
+    def from_fields(cls, r: FieldReader) -> "KeyframeRequest":
         return cls(r.ident("worker_id"), r.ident("run_id"), r.int("version", minimum=0), r.str("reason")[:1000])
 
 
@@ -449,10 +322,10 @@ class RunComplete:
     test_accuracy: float
 
     def fields(self) -> dict[str, Any]:
-        return _plain_fields(self)
+        return plain_fields(self)
 
     @classmethod
-    def from_fields(cls, r: _Reader) -> "RunComplete":
+    def from_fields(cls, r: FieldReader) -> "RunComplete":
         return cls(r.ident("run_id"), r.int("final_version", minimum=0), r.float("test_accuracy"))
 
 
@@ -502,7 +375,7 @@ class WeightUpdate:
         return (self.run_id, self.base_version, self.worker_id)
 
     def fields(self) -> dict[str, Any]:
-        out = _plain_fields(self)
+        out = plain_fields(self)
         out["delta"] = encode_tensors(self.delta)
         return out
 
@@ -511,7 +384,7 @@ class WeightUpdate:
         return UpdateHeader(self.run_id, self.base_version, self.worker_id, self.partition, self.num_samples)
 
     @classmethod
-    def header_from(cls, r: _Reader) -> UpdateHeader:
+    def header_from(cls, r: FieldReader) -> UpdateHeader:
         samples = r.int("num_samples", minimum=1)
         if samples > MAX_NUM_SAMPLES:
             raise InvalidMessage("bounds", f"update.num_samples={samples} is above {MAX_NUM_SAMPLES}")
@@ -519,7 +392,7 @@ class WeightUpdate:
                             r.ident("worker_id"), r.int("partition", minimum=-1), samples)
 
     @classmethod
-    def from_fields(cls, r: _Reader) -> "WeightUpdate":
+    def from_fields(cls, r: FieldReader) -> "WeightUpdate":
         head = cls.header_from(r)
         train_loss, train_seconds, steps = r.float("train_loss"), r.float("train_seconds"), r.int("steps", minimum=0)
         if train_seconds < 0:
@@ -546,7 +419,7 @@ class EvaluationRequest:
                 "weights": encode_tensors(self.weights)}
 
     @classmethod
-    def from_fields(cls, r: _Reader) -> "EvaluationRequest":
+    def from_fields(cls, r: FieldReader) -> "EvaluationRequest":
         weights = r.tensors("weights")
         return cls(r.ident("run_id"), r.int("version", minimum=0), r.idents("selected"), weights)
 
@@ -571,10 +444,10 @@ class EvaluationReport:
         return (self.run_id, self.version, self.worker_id)
 
     def fields(self) -> dict[str, Any]:
-        return _plain_fields(self)
+        return plain_fields(self)
 
     @classmethod
-    def from_fields(cls, r: _Reader) -> "EvaluationReport":
+    def from_fields(cls, r: FieldReader) -> "EvaluationReport":
         samples = r.int("num_samples", minimum=1)
         if samples > MAX_NUM_SAMPLES:
             raise InvalidMessage("bounds", f"evaluation.num_samples={samples} is above {MAX_NUM_SAMPLES}")
@@ -598,10 +471,10 @@ class Chunk:
     data: bytes
 
     def fields(self) -> dict[str, Any]:
-        return _plain_fields(self)
+        return plain_fields(self)
 
     @classmethod
-    def from_fields(cls, r: _Reader) -> "Chunk":
+    def from_fields(cls, r: FieldReader) -> "Chunk":
         chunk = cls(r.ident("message_id"), r.int("index", minimum=0), r.int("count", minimum=1),
                     r.int("total_bytes", minimum=0), r.bytes("sha256"), r.bytes("data"))
         if chunk.index >= chunk.count:
@@ -609,98 +482,6 @@ class Chunk:
         if len(chunk.sha256) != 32:
             raise InvalidMessage("schema", "chunk sha256 must be 32 bytes")
         return chunk
-
-
-#: The most workers one status reply lists.
-MAX_STATUS_WORKERS = 10_000
-
-
-@dataclass(frozen=True)
-class StatusRequest:
-    """``fedmq status`` asks the aggregator (on the control queue) to answer on ``reply_to``,
-    a queue named :data:`STATUS_REPLY_PREFIX` + an id; ``sent_at`` is the asker's wall clock."""
-
-    KIND: ClassVar[str] = "status-request"
-    request_id: str
-    reply_to: str
-    sent_at: float
-
-    def fields(self) -> dict[str, Any]:
-        return _plain_fields(self)
-
-    @classmethod
-    def from_fields(cls, r: _Reader) -> "StatusRequest":
-        reply_to = r.ident("reply_to")
-        if not reply_to.startswith(STATUS_REPLY_PREFIX) or len(reply_to) == len(STATUS_REPLY_PREFIX):
-            raise InvalidMessage("schema", f"status-request.reply_to={reply_to[:40]!r}: want {STATUS_REPLY_PREFIX}<id>")
-        return cls(r.ident("request_id"), reply_to, r.float("sent_at"))
-
-
-@dataclass(frozen=True)
-class WorkerStatus:
-    """One live worker in a :class:`StatusReply`, and in the aggregator's own view of the federation
-    (:class:`fedmq.federation_state.FederationSnapshot`): ``version`` the last it trained (-1 none),
-    ``progress`` (0-1) of the training in hand, ``samples_per_second`` of its last training,
-    ``silent_s`` the seconds since it spoke."""
-
-    worker_id: str
-    state: str
-    device: str
-    partition: int
-    version: int
-    progress: float
-    samples_per_second: float
-    silent_s: float
-
-    @classmethod
-    def from_wire(cls, raw: Mapping[str, Any]) -> "WorkerStatus":
-        r = _Reader("status.worker", raw, tuple(f.name for f in dataclasses.fields(cls)))
-        return cls(r.ident("worker_id"), r.str("state")[:32], r.str("device")[:64], r.int("partition", minimum=-1),
-                   r.int("version", minimum=-1), r.bounded("progress", low=0.0, high=1.0),
-                   r.bounded("samples_per_second", low=0.0), r.bounded("silent_s", low=0.0))
-
-
-@dataclass(frozen=True)
-class StatusReply:
-    """The aggregator's answer to :class:`StatusRequest` ``request_id``: run ``run_id`` has made
-    ``version`` of ``versions``; ``open_version`` (-1: none) has ``folded`` of ``expected``
-    updates after ``elapsed_s`` seconds, about ``estimate_s`` more (-1: unknown); the newest
-    version's ``test_accuracy`` / ``test_loss`` / ``federated_accuracy`` (None: not measured);
-    ``dead_letters`` so far; the live ``workers``."""
-
-    KIND: ClassVar[str] = "status-reply"
-    request_id: str
-    run_id: str
-    version: int
-    versions: int
-    open_version: int
-    expected: int
-    folded: int
-    elapsed_s: float
-    estimate_s: float
-    test_accuracy: float | None
-    test_loss: float | None
-    federated_accuracy: float | None
-    dead_letters: int
-    finished: bool
-    workers: tuple[WorkerStatus, ...]
-
-    def fields(self) -> dict[str, Any]:
-        out = _plain_fields(self)
-        out["workers"] = [_plain_fields(w) for w in self.workers]
-        return out
-
-    @classmethod
-    def from_fields(cls, r: _Reader) -> "StatusReply":
-        workers = tuple(WorkerStatus.from_wire(w) for w in r.maps("workers", most=MAX_STATUS_WORKERS))
-        if len({w.worker_id for w in workers}) != len(workers):
-            raise InvalidMessage("schema", "status-reply.workers lists a worker twice")
-        return cls(r.ident("request_id"), r.ident("run_id"), r.int("version", minimum=0), r.int("versions", minimum=0),
-                   r.int("open_version", minimum=-1), r.int("expected", minimum=0), r.int("folded", minimum=0),
-                   r.bounded("elapsed_s", low=0.0), r.bounded("estimate_s", low=-1.0),
-                   r.optional_bounded("test_accuracy", low=0.0, high=1.0), r.optional_bounded("test_loss", low=0.0),
-                   r.optional_bounded("federated_accuracy", low=0.0, high=1.0), r.int("dead_letters", minimum=0),
-                   r.bool("finished"), workers)
 
 
 Message = Union[WorkerHello, Heartbeat, WorkerGoodbye, JoinAccepted, ModelBroadcast, RunComplete, WeightUpdate,
@@ -750,7 +531,7 @@ def peek_update(data: bytes) -> UpdateHeader | None:
     found = _leading_fields(data, _PEEKED)
     if found is None or found["schema"] != SCHEMA_VERSION or found["kind"] != WeightUpdate.KIND:
         return None
-    return WeightUpdate.header_from(_Reader(WeightUpdate.KIND, {k: found[k] for k in _HEADER_FIELDS}, _HEADER_FIELDS))
+    return WeightUpdate.header_from(FieldReader(WeightUpdate.KIND, {k: found[k] for k in _HEADER_FIELDS}, _HEADER_FIELDS))
 
 
 def peek_kind(data: bytes) -> str | None:
@@ -805,4 +586,4 @@ def decode(data: bytes, *, max_elements: int | None = None) -> Message:
     if cls is None:
         raise InvalidMessage("schema", f"unknown message kind {kind!r}")
     field_names = tuple(f.name for f in dataclasses.fields(cls))
-    return cls.from_fields(_Reader(kind, raw, field_names, max_elements=max_elements))
+    return cls.from_fields(FieldReader(kind, raw, field_names, max_elements=max_elements))

@@ -354,7 +354,7 @@ def validate(s: Settings) -> None:
     _require(0 <= s.ops.metrics_port <= 65535, "metrics_port", "must be a TCP port (0: off)")
     _require(s.status.status_timeout_s > 0, "status_timeout_s", "must be > 0")
     for name, value in (("worker_id", w.worker_id), ("run_id", r.run_id)):
-        # The same rule the wire enforces (fedmq.messages.check_identifier): at most 128 ASCII
+        # The same rule the wire enforces (fedmq.wire_fields.check_identifier): at most 128 ASCII
         # letters, digits, - _ . so every queue name and routing key built from it fits AMQP.
         _require(len(value) <= 128 and all((c.isascii() and c.isalnum()) or c in "-_." for c in value),
                  name, "at most 128 letters, digits, - _ .")

@@ -1,7 +1,7 @@
 """``fedmq status`` over the broker: the asker's request, the aggregator's answer.
 
 The asker declares a reply queue of its own (``fedmq.status.<id>``, non-durable, deleted by the
-broker a minute after it is left) and puts a :class:`~fedmq.messages.StatusRequest` on the
+broker a minute after it is left) and puts a :class:`~fedmq.status_messages.StatusRequest` on the
 control queue with a time-to-live of its timeout: with no aggregator consuming, the request
 expires instead of being answered by an aggregator started an hour later. The aggregator
 answers from its :class:`~fedmq.federation_state.FederationState`.
@@ -18,8 +18,8 @@ from fedmq.broker.base import Broker, Delivery
 from fedmq.broker_users import declare_shared_topology
 from fedmq.errors import InvalidMessage, Unroutable
 from fedmq.federation_state import FederationSnapshot
-from fedmq.messages import STATUS_REPLY_PREFIX, StatusReply, StatusRequest
-from fedmq.topology import CONTROL_QUEUE, DEFAULT_EXCHANGE, QueueSpec
+from fedmq.status_messages import StatusReply, StatusRequest
+from fedmq.topology import CONTROL_QUEUE, DEFAULT_EXCHANGE, STATUS_REPLY_PREFIX, QueueSpec
 from fedmq.transport import Transport
 
 log = logging.getLogger(__name__)

@@ -12,7 +12,7 @@ import sys
 from typing import TextIO
 from urllib.parse import urlsplit, urlunsplit
 
-from fedmq.messages import StatusReply
+from fedmq.status_messages import StatusReply
 from fedmq.settings import Settings
 
 

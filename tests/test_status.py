@@ -9,17 +9,18 @@ import msgpack
 import pytest
 
 from fedmq import messages as m
+from fedmq import status_messages as sm
 from fedmq.broker.memory import MemoryHub
 from fedmq.errors import InvalidMessage
 from fedmq.status import ask_status
-from fedmq.topology import CONTROL_QUEUE
+from fedmq.topology import CONTROL_QUEUE, STATUS_REPLY_PREFIX
 from fedmq_cli.embedded import run_embedded
 from fedmq_cli.status import format_status
 from test_embedded import embedded_settings
 
 
 def reply(**changes) -> m.StatusReply:
-    worker = m.WorkerStatus("w1", "training", "cpu", 0, 2, 0.5, 1200.0, 0.4)
+    worker = sm.WorkerStatus("w1", "training", "cpu", 0, 2, 0.5, 1200.0, 0.4)
     fields = dict(request_id="q1", run_id="run-a", version=3, versions=5, open_version=3, expected=2, folded=1,
                   elapsed_s=2.5, estimate_s=1.0, test_accuracy=0.95, test_loss=0.2, federated_accuracy=None,
                   dead_letters=0, finished=False, workers=(worker,))
@@ -76,7 +77,7 @@ def _worker(**changes):
     ({"workers": [_worker(), _worker()]}, "schema"),                  # the same worker twice
     ({"workers": [{"worker_id": "w1"}]}, "schema"),                    # missing fields
     ({"workers": [_worker(name=f"w{i}") for i in range(2)]}, "schema"),  # unexpected field
-    ({"workers": [_worker(worker_id=f"w{i}") for i in range(m.MAX_STATUS_WORKERS + 1)]}, "bounds"),
+    ({"workers": [_worker(worker_id=f"w{i}") for i in range(sm.MAX_STATUS_WORKERS + 1)]}, "bounds"),
 ])
 def test_bad_status_replies_are_refused_with_a_reason(fields, reason):
     assert reason_of(tampered(reply(), **fields)) == reason
@@ -116,7 +117,7 @@ def test_the_aggregator_of_an_embedded_run_answers_with_its_live_workers(data_ro
     text = format_status(answer)
     assert "run embedded-test: version" in text and "3 live workers" in text and "worker-2" in text
     # Nothing waits in the reply queue: it was deleted.
-    assert not [q for q in hub.queue_names() if q.startswith(m.STATUS_REPLY_PREFIX)]
+    assert not [q for q in hub.queue_names() if q.startswith(STATUS_REPLY_PREFIX)]
 
 
 def test_no_aggregator_no_answer_within_the_timeout():

@@ -9,6 +9,7 @@ from aggregator.intake import UpdateIntake
 from aggregator.rounds import OpenRound
 from aggregator.service import Aggregator
 from fedmq import messages as m
+from fedmq import wire_fields
 from fedmq.broker.base import Delivery
 from fedmq.broker.memory import MemoryHub
 from fedmq.errors import InvalidMessage
@@ -36,8 +37,8 @@ def intake(monkeypatch):
     broker = hub.connect()
     broker.declare(STATIC_TOPOLOGY)
     decoded = []
-    real = m.decode_tensors
-    monkeypatch.setattr(m, "decode_tensors", lambda entries, **kw: decoded.append(1) or real(entries, **kw))
+    real = wire_fields.decode_tensors  # every message decodes its tensors through FieldReader
+    monkeypatch.setattr(wire_fields, "decode_tensors", lambda entries, **kw: decoded.append(1) or real(entries, **kw))
     intake = UpdateIntake(broker, Transport(broker), "run", num_partitions=4, update_bytes=10_000,
                           max_frame_bytes=1 << 20)
     intake.hub, intake.decoded = hub, decoded
