@@ -41,14 +41,16 @@ def folded_staleness(log: str, worker: str) -> list[int]:
 
 
 def test_async_with_a_straggler_reaches_95_percent_and_folds_its_stale_updates(federation):
-    fed = federation(FEDMQ_VERSIONS=10, **ASYNC)
+    # 16 versions, not 10: with K=2 the order updates arrive in moves the 2NN by tenths of a point
+    # from run to run, and 10 versions once ended at 0.9491.
+    fed = federation(FEDMQ_VERSIONS=16, **ASYNC)
     fed.aggregator()
     fed.worker("fast-0")
     fed.worker("fast-1")
     fed.worker("slow", "--slowdown", "3")
     assert fed.wait_aggregator(480) == 0, fed.log("aggregator")[-3000:]
     records = fed.records()
-    assert [r["version"] for r in records] == list(range(1, 11))
+    assert [r["version"] for r in records] == list(range(1, 17))
     assert records[-1]["test_accuracy"] >= 0.95
     assert all(r["mode"] == "async" and r["participants"] == 2 for r in records)
     log = fed.log("aggregator")
